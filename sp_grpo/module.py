@@ -1,0 +1,342 @@
+"""``SelfPacedGRPO``: group-relative policy optimisation of a video generator, as a LightningModule.
+
+One ``training_step`` is one GRPO iteration and reads top to bottom:
+rollout -> rewards -> advantages -> K clipped policy updates -> logs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sp_grpo.functional.advantages import AdvantageScale, AggregationMode, aggregate_advantages, clip_advantages
+from sp_grpo.functional.losses import clipped_surrogate, gaussian_kl
+from sp_grpo.functional.sde import sde_step
+from sp_grpo.policies.base import VideoPolicy
+from sp_grpo.rewards.mixture import RewardSet
+from sp_grpo.rollout import Rollout, SamplerConfig, sample_rollout
+
+_SCALES = ("group", "batch", "none")
+_MODES = ("normalize_then_sum", "sum_then_normalize")
+
+
+class SelfPacedGRPO(L.LightningModule):
+    """Self-Paced GRPO for a text-to-video flow-matching generator.
+
+    The reward is a weighted sum over aspects (``fidelity``, ``temporal``, ``semantic``) whose
+    weights, :attr:`reward_weights`, a curriculum callback rewrites between batches
+    (:class:`~sp_grpo.callbacks.SelfPacedCurriculum`, or :class:`~sp_grpo.callbacks.StaticWeights`
+    as the fixed-weight baseline). ``training_step`` returns the per-aspect rewards so the callback
+    can read them.
+
+    Each batch is ``P`` unique prompts; every prompt is sampled ``group_size`` times. Optimizer
+    steps per batch: ``num_inner_epochs * num_minibatches`` (Lightning's ``global_step`` counts them).
+
+    Args:
+        policy: The generator (a :class:`~sp_grpo.policies.VideoPolicy`, e.g. ``WanPolicy``).
+        rewards: The reward models, evaluated together.
+        group_size: Samples per prompt (``G``); advantages compare samples within a group.
+        sampler: Rollout settings: steps, guidance, SDE kind and noise, video size, trained steps.
+        num_inner_epochs: Passes of clipped updates over each rollout (``K``).
+        num_minibatches: Optimizer steps per inner epoch; the rollout's samples are split evenly.
+        micro_batch_size: (sample, step) pairs per forward/backward; gradients accumulate over a
+            minibatch, so this changes memory, not the result.
+        clip_range: PPO clip range of the probability ratio. Log-probs are per-element means, so
+            ratios stay near 1 and small ranges (1e-4 to 1e-2) are usual.
+        advantage_scale: Divide centred rewards by the std of their ``"group"``, of the whole
+            ``"batch"``, or ``"none"``.
+        aggregation: ``"normalize_then_sum"`` normalizes each aspect within groups, then weighs;
+            ``"sum_then_normalize"`` weighs the raw rewards, then normalizes the sum.
+        advantage_eps: Added to the std before dividing.
+        advantage_clip: Clip advantages to ``[-advantage_clip, advantage_clip]``; ``null`` for no clip.
+        kl_coef: Weight of the KL to the reference model (the network with LoRA disabled).
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        lr_warmup_steps: Optimizer steps of linear learning-rate warm-up (0 for none).
+        max_grad_norm: Clip the gradient norm before each optimizer step; ``null`` for no clip.
+        reward_weights: Initial aspect weights; ``null`` weighs the aspects of ``rewards`` equally.
+            A curriculum callback overwrites them.
+        seed: Seed of the rollout noise; iteration ``i`` on rank ``r`` uses a generator seeded from
+            ``(seed, i, r)``, so a resumed run samples exactly what an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        rewards: RewardSet,
+        *,
+        group_size: int = 4,
+        sampler: SamplerConfig | None = None,
+        num_inner_epochs: int = 1,
+        num_minibatches: int = 1,
+        micro_batch_size: int = 8,
+        clip_range: float = 1e-3,
+        advantage_scale: AdvantageScale = "group",
+        aggregation: AggregationMode = "normalize_then_sum",
+        advantage_eps: float = 1e-4,
+        advantage_clip: float | None = 5.0,
+        kl_coef: float = 0.0,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        lr_warmup_steps: int = 0,
+        max_grad_norm: float | None = 1.0,
+        reward_weights: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(policy, VideoPolicy):
+            raise TypeError(
+                f"`model.policy` ({type(policy).__name__}) does not implement sp_grpo.policies.VideoPolicy: use"
+                " e.g. sp_grpo.policies.WanPolicy or sp_grpo.policies.TinyWanPolicy."
+            )
+        if group_size < 2:
+            raise ValueError(
+                f"`group_size` ({group_size}) must be at least 2: GRPO compares samples within a group; set"
+                " `model.group_size` to 2 or more."
+            )
+        for name, value in (("num_inner_epochs", num_inner_epochs), ("num_minibatches", num_minibatches), ("micro_batch_size", micro_batch_size)):
+            if value < 1:
+                raise ValueError(f"`model.{name}` ({value}) must be at least 1.")
+        if clip_range <= 0:
+            raise ValueError(f"`model.clip_range` ({clip_range}) must be positive, e.g. 1e-3.")
+        if advantage_scale not in _SCALES:
+            raise ValueError(f"`model.advantage_scale` ({advantage_scale!r}) must be one of {list(_SCALES)}.")
+        if aggregation not in _MODES:
+            raise ValueError(f"`model.aggregation` ({aggregation!r}) must be one of {list(_MODES)}.")
+        if advantage_clip is not None and advantage_clip <= 0:
+            raise ValueError(f"`model.advantage_clip` ({advantage_clip}) must be positive, or null for no clipping.")
+        if kl_coef < 0:
+            raise ValueError(f"`model.kl_coef` ({kl_coef}) must be non-negative.")
+        if kl_coef > 0 and not policy.has_reference:
+            raise ValueError(
+                f"`model.kl_coef` ({kl_coef}) needs a reference model, and this policy has none (full fine-tuning"
+                " without a copy): use LoRA, set the policy's `reference_copy: true`, or set `model.kl_coef: 0`."
+            )
+        if learning_rate <= 0:
+            raise ValueError(f"`model.learning_rate` ({learning_rate}) must be positive.")
+        if lr_warmup_steps < 0:
+            raise ValueError(f"`model.lr_warmup_steps` ({lr_warmup_steps}) must be non-negative.")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"`model.max_grad_norm` ({max_grad_norm}) must be positive, or null for no clipping.")
+        if not policy.trainable_parameters():
+            raise ValueError("`model.policy` has no trainable parameters: set a `lora_rank`, or null for full fine-tuning.")
+
+        self.policy = policy
+        self.rewards = rewards
+        self.group_size = group_size
+        self.sampler = sampler if sampler is not None else SamplerConfig()
+        self.num_inner_epochs = num_inner_epochs
+        self.num_minibatches = num_minibatches
+        self.micro_batch_size = micro_batch_size
+        self.clip_range = clip_range
+        self.advantage_scale = advantage_scale
+        self.aggregation = aggregation
+        self.advantage_eps = advantage_eps
+        self.advantage_clip = advantage_clip
+        self.kl_coef = kl_coef
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.lr_warmup_steps = lr_warmup_steps
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        aspects = list(rewards.aspects)
+        if reward_weights is None:
+            reward_weights = {aspect: 1.0 / len(aspects) for aspect in aspects}
+        unknown = sorted(set(reward_weights) - set(aspects))
+        if unknown:
+            raise ValueError(
+                f"`model.reward_weights` names aspects {unknown} that no reward in `model.rewards` has; the rewards"
+                f" cover {aspects}."
+            )
+        #: Aspect -> weight of its advantage; read at the start of every training step. Curriculum
+        #: callbacks write it between batches.
+        self.reward_weights: dict[str, float] = dict(reward_weights)
+        self.automatic_optimization = False
+        self.save_hyperparameters(ignore=["policy", "rewards"])
+
+    # -- optimisation setup ---------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        warmup = self.lr_warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    @property
+    def updates_per_iteration(self) -> int:
+        """Optimizer steps per training batch."""
+        return self.num_inner_epochs * self.num_minibatches
+
+    def rollout_generator(self, iteration: int) -> torch.Generator:
+        """The generator of iteration ``iteration`` on this rank: a pure function of (seed, iteration, rank)."""
+        rank = self.global_rank if self._trainer is not None else 0
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_mix_seed(self.seed, iteration, rank))
+        return generator
+
+    # -- one GRPO iteration ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        prompts = _check_prompts(batch)
+        iteration = self.global_step // self.updates_per_iteration
+
+        # 1. Rollout: G samples per prompt with the stochastic sampler, keeping log-probs.
+        start = time.perf_counter()
+        rollout = sample_rollout(
+            self.policy,
+            prompts,
+            self.group_size,
+            self.sampler,
+            generator=self.rollout_generator(iteration),
+            iteration=iteration,
+            device=self.device,
+        )
+        rollout_seconds = time.perf_counter() - start
+
+        # 2. Rewards, one score per sample and reward, aggregated per aspect.
+        start = time.perf_counter()
+        with torch.no_grad():
+            scores = self.rewards(rollout.videos, rollout.prompts, group_size=self.group_size)
+        reward_seconds = time.perf_counter() - start
+
+        # 3. Group-relative advantages, weighted over aspects by the curriculum's current weights.
+        weights = {aspect: float(self.reward_weights.get(aspect, 0.0)) for aspect in scores.per_aspect}
+        advantages = aggregate_advantages(
+            scores.per_aspect, weights, self.group_size, mode=self.aggregation, scale=self.advantage_scale, eps=self.advantage_eps
+        )
+        advantages = clip_advantages(advantages, self.advantage_clip)
+        keep = getattr(scores, "keep", None)
+        if keep is not None:
+            advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
+            rollout.train_mask &= keep.unsqueeze(1)
+
+        # 4. K inner epochs of clipped policy-gradient updates over the trained (sample, step) pairs.
+        start = time.perf_counter()
+        stats = self.policy_updates(rollout, advantages)
+        update_seconds = time.perf_counter() - start
+
+        # 5. Logs.
+        logs = {f"train/reward/{name}": value.mean() for name, value in scores.per_reward.items()}
+        logs.update({f"train/aspect/{aspect}": value.mean() for aspect, value in scores.per_aspect.items()})
+        logs["train/reward_weighted"] = sum(weights[a] * scores.per_aspect[a].mean() for a in weights)
+        logs.update(
+            {
+                "train/advantage_abs_mean": advantages.abs().mean(),
+                "train/advantage_max": advantages.max(),
+                "train/rollout_seconds": torch.tensor(rollout_seconds),
+                "train/reward_seconds": torch.tensor(reward_seconds),
+                "train/update_seconds": torch.tensor(update_seconds),
+            }
+        )
+        logs.update({f"train/{key}": value for key, value in stats.items()})
+        self.log_dict(logs, batch_size=len(prompts))
+        self.log("reward", logs["train/reward_weighted"], prog_bar=True, batch_size=len(prompts), logger=False)
+        return {
+            "loss": stats["loss"],
+            "aspect_rewards": {aspect: value.detach() for aspect, value in scores.per_aspect.items()},
+            "group_size": self.group_size,
+            "prompts": rollout.prompts,
+        }
+
+    def policy_updates(self, rollout: Rollout, advantages: Tensor) -> dict[str, Tensor]:
+        """Run ``num_inner_epochs`` passes of clipped updates over the rollout.
+
+        Samples are shuffled each epoch and split into ``num_minibatches`` minibatches, one optimizer
+        step each; within a minibatch the (sample, step) pairs are processed ``micro_batch_size`` at a
+        time with gradient accumulation, each micro-batch's loss weighted by its share of the
+        minibatch's pairs, so the gradient is the minibatch mean whatever the micro-batch size.
+
+        Returns:
+            Mean statistics over all updates (``loss``, ``clip_frac``, ``approx_kl``, ``kl_ref``,
+            ``ratio_mean``) and ``first_log_ratio_abs_max``: the largest ``|log_ratio|`` of the first
+            update, 0 up to numerical noise when the update is on-policy.
+        """
+        optimizer = self.optimizers()
+        schedule = self.lr_schedulers()
+        order_gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.global_step, 1 << 20))
+        totals: dict[str, list[Tensor]] = {"loss": [], "clip_frac": [], "approx_kl": [], "kl_ref": [], "ratio_mean": []}
+        first_log_ratio = None
+        for _ in range(self.num_inner_epochs):
+            samples = torch.randperm(rollout.num_samples, generator=order_gen)
+            for minibatch in samples.tensor_split(self.num_minibatches):
+                pairs = rollout.train_mask[minibatch.to(rollout.train_mask.device)].nonzero()
+                if pairs.numel() == 0:
+                    continue
+                pairs[:, 0] = minibatch.to(pairs.device)[pairs[:, 0]]
+                for micro in pairs.split(self.micro_batch_size):
+                    out = self.pair_loss(rollout, advantages, micro)
+                    self.manual_backward(out["loss"] * (len(micro) / len(pairs)))
+                    for key in totals:
+                        totals[key].append(out[key].detach() * (len(micro) / len(pairs)))
+                    if first_log_ratio is None:
+                        first_log_ratio = out["log_ratio"].detach().abs().max()
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+        steps = max(1, self.updates_per_iteration)
+        stats = {key: torch.stack(values).sum() / steps if values else torch.zeros((), device=self.device) for key, values in totals.items()}
+        stats["first_log_ratio_abs_max"] = first_log_ratio if first_log_ratio is not None else torch.zeros((), device=self.device)
+        stats["trained_pairs"] = rollout.train_mask.sum().float()
+        return stats
+
+    def pair_loss(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
+        """Clipped surrogate (+ KL to the reference) on a micro-batch of ``(sample, step)`` pairs.
+
+        Args:
+            rollout: The rollout.
+            advantages: ``(N,)`` advantages.
+            pairs: ``(M, 2)`` rows of (sample index, step index).
+
+        Returns:
+            ``loss`` (mean over the pairs), ``log_ratio`` ``(M,)`` and the surrogate's statistics.
+        """
+        sample, step = pairs[:, 0], pairs[:, 1]
+        sigmas = rollout.sigmas.to(self.device)
+        x, x_next = rollout.latents[sample, step], rollout.latents[sample, step + 1]
+        sigma, sigma_next = sigmas[step], sigmas[step + 1]
+        embeds = rollout.embeds.index(sample)
+        guidance = self.sampler.guidance_scale
+        velocity = self.policy.velocity(x, sigma, embeds, guidance)
+        step_out = sde_step(velocity, x, sigma, sigma_next, kind=self.sampler.sde_kind, noise_level=self.sampler.noise_level, prev_sample=x_next)
+        log_ratio = step_out.log_prob - rollout.log_probs[sample, step]
+        surrogate = clipped_surrogate(log_ratio, advantages[sample], self.clip_range)
+        loss = surrogate.loss
+        kl_ref = torch.zeros((), device=self.device)
+        if self.kl_coef > 0:
+            with torch.no_grad(), self.policy.reference():
+                ref_velocity = self.policy.velocity(x, sigma, embeds, guidance)
+            ref = sde_step(ref_velocity, x, sigma, sigma_next, kind=self.sampler.sde_kind, noise_level=self.sampler.noise_level, prev_sample=x_next)
+            kl_ref = gaussian_kl(step_out.prev_mean, ref.prev_mean, step_out.std).mean()
+            loss = loss + self.kl_coef * kl_ref
+        return {
+            "loss": loss,
+            "log_ratio": log_ratio,
+            "clip_frac": surrogate.clip_frac,
+            "approx_kl": surrogate.approx_kl,
+            "ratio_mean": surrogate.ratio_mean,
+            "kl_ref": kl_ref.detach(),
+        }
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers, the same in every process (unlike ``hash`` of a tuple with strings)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _check_prompts(batch: Any) -> list[str]:
+    prompts = batch.get("prompts") if isinstance(batch, dict) else None
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(
+            "A training batch must be a dict with `prompts`, a non-empty list of strings (what"
+            f" sp_grpo.data.PromptDataModule yields); got {type(batch).__name__}."
+        )
+    return list(prompts)
+
+
+__all__ = ["SelfPacedGRPO"]
+

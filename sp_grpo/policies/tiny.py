@@ -1,0 +1,188 @@
+"""Tiny Wan generators built offline, for tests, notebooks and the CPU demo.
+
+Real diffusers and transformers classes (``WanTransformer3DModel``, ``AutoencoderKLWan``,
+``UMT5EncoderModel``) at toy sizes, with random weights and a word-level tokenizer built here, so
+nothing is downloaded. Sizes follow diffusers' own dummy components for Wan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sp_grpo.policies.wan import DEFAULT_LORA_TARGETS, DType, WanComponents, WanPolicy
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # T5's convention: pad 0, eos 1, unk 2
+DEFAULT_VOCABULARY = tuple(
+    """a an the of in on at to from with and or is are video clip scene shot
+    red green blue yellow orange purple pink white black gray grey brown cyan magenta
+    square circle triangle ball cube box star ring disk dot shape object cat dog bird car person
+    moving moves move left right up down across around slowly quickly fast slow still static rotating
+    small large big tiny bright dark background foreground sky water field street room
+    high quality blurry low worst best""".split()
+)
+
+
+def build_tokenizer(vocabulary: Sequence[str] = DEFAULT_VOCABULARY):
+    """A lower-casing word-level tokenizer that appends ``</s>``, as T5's does.
+
+    Unknown words map to ``<unk>``; punctuation is split off.
+
+    Args:
+        vocabulary: Words of the vocabulary (duplicates are ignored).
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` that saves and loads with ``save_pretrained`` /
+        ``AutoTokenizer.from_pretrained``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(dict.fromkeys([*SPECIAL_TOKENS, *(w.lower() for w in vocabulary)]))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_wan_components(
+    seed: int = 0,
+    *,
+    vocabulary: Sequence[str] = DEFAULT_VOCABULARY,
+    latent_channels: int = 4,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 12,
+    ffn_dim: int = 32,
+    text_dim: int = 32,
+    shift: float = 3.0,
+) -> WanComponents:
+    """Build a tiny Wan (transformer, VAE, UMT5 encoder, tokenizer, scheduler) with random weights.
+
+    The VAE has Wan's strides (4 in time, 8 in space), so a ``9 x 64 x 64`` video has latents of
+    shape ``(latent_channels, 3, 8, 8)``.
+
+    Args:
+        seed: Seed of the random weights; the same seed gives the same model.
+        vocabulary: Words of the tokenizer.
+        latent_channels: VAE latent channels (the transformer's in/out channels).
+        num_layers: Transformer blocks.
+        num_attention_heads: Attention heads per block.
+        attention_head_dim: Width of each head.
+        ffn_dim: Hidden width of the feed-forward layers.
+        text_dim: Width of the text encoder.
+        shift: Flow shift of the sigma schedule.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tokenizer(vocabulary)
+    devices = []  # fork_rng needs no CUDA devices here: everything is built on the CPU.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            text_dim=text_dim,
+            freq_dim=32,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+        vae = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=latent_channels,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * latent_channels,
+            latents_std=[1.0] * latent_channels,
+        )
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=text_dim,
+                d_kv=8,
+                d_ff=2 * text_dim,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                dropout_rate=0.0,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    return WanComponents(transformer, vae, text_encoder, tokenizer, scheduler)
+
+
+class TinyWanPolicy(WanPolicy):
+    """A :class:`WanPolicy` around :func:`tiny_wan_components`: builds offline in well under a second.
+
+    Args:
+        seed: Seed of the random weights.
+        lora_rank: LoRA rank through peft; ``None`` trains the whole transformer.
+        lora_alpha: LoRA scaling numerator; defaults to the rank.
+        lora_target_modules: Linear layers that get LoRA adapters.
+        num_layers: Transformer blocks.
+        gradient_checkpointing: Recompute transformer blocks in the backward pass.
+        max_sequence_length: Text tokens per prompt.
+        cfg_batched: Run both halves of classifier-free guidance as one batch.
+        decode_chunk_size: Decode at most this many videos at once; ``None`` for all together.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        lora_rank: int | None = 4,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        num_layers: int = 2,
+        gradient_checkpointing: bool = False,
+        max_sequence_length: int = 16,
+        cfg_batched: bool = True,
+        decode_chunk_size: int | None = None,
+        torch_dtype: DType = "float32",
+    ) -> None:
+        super().__init__(
+            components=tiny_wan_components(seed, num_layers=num_layers),
+            torch_dtype=torch_dtype,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            lora_seed=seed,
+            gradient_checkpointing=gradient_checkpointing,
+            max_sequence_length=max_sequence_length,
+            cfg_batched=cfg_batched,
+            decode_chunk_size=decode_chunk_size,
+        )
+
+
+def save_wan_folder(components: WanComponents, path: str | Path) -> Path:
+    """Write components as a diffusers ``WanPipeline`` folder that :class:`WanPolicy` can load.
+
+    Returns:
+        The folder.
+    """
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(
+        tokenizer=components.tokenizer,
+        text_encoder=components.text_encoder,
+        vae=components.vae,
+        scheduler=components.scheduler,
+        transformer=components.transformer,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
+
+
+__all__ = ["DEFAULT_VOCABULARY", "TinyWanPolicy", "build_tokenizer", "save_wan_folder", "tiny_wan_components"]

@@ -1,0 +1,299 @@
+"""Sample groups of videos with a stochastic flow-matching sampler, keeping what GRPO trains on.
+
+diffusers pipelines return only the final video; GRPO needs every intermediate latent and the
+log-probability of each stochastic step, so the denoising loop is written here around the
+policy's :meth:`~sp_grpo.policies.VideoPolicy.velocity` and :func:`~sp_grpo.functional.sde.sde_step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from sp_grpo.functional.sde import SDEKind, sde_step
+from sp_grpo.policies.base import PromptEmbeds, VideoPolicy
+
+StepSelection = Literal["all", "random", "window"]
+WindowPlacement = Literal["fixed", "random", "sliding"]
+_SDE_KINDS = ("sde", "cps", "dance")
+
+
+@dataclass
+class SamplerConfig:
+    """How rollouts are sampled and which denoising steps are trained.
+
+    Args:
+        num_steps: Denoising steps per video.
+        guidance_scale: Classifier-free guidance scale; 1 turns guidance off.
+        sde_kind: Stochastic step: ``"sde"`` (Flow-GRPO), ``"cps"`` (coefficients-preserving),
+            ``"dance"`` (DanceGRPO).
+        noise_level: Noise of the stochastic steps (``a`` of Flow-GRPO, ``eta`` of DanceGRPO, the
+            angle fraction of CPS).
+        num_frames: Frames per video (1 more than a multiple of the VAE's temporal stride).
+        height: Video height in pixels.
+        width: Video width in pixels.
+        same_noise_in_group: Start every sample of a group from the same initial noise, so the group
+            differs only through the sampler's noise.
+        train_steps: Which steps are trained: ``"all"``; ``"random"``, a random ``train_fraction``
+            of the steps per sample (DanceGRPO); or ``"window"``, ``window_size`` consecutive steps
+            that alone are stochastic and trained, ODE elsewhere (Flow-GRPO-Fast, MixGRPO).
+        train_fraction: Fraction of steps trained per sample with ``train_steps="random"``.
+        window_size: Steps in the window with ``train_steps="window"``.
+        window_placement: ``"fixed"`` at ``window_start``; ``"random"``, a new start each
+            iteration; ``"sliding"``, moving one step later every ``window_slide_every`` iterations
+            and wrapping around (MixGRPO).
+        window_start: First step of a fixed window, and where a sliding window starts.
+        window_slide_every: Iterations between moves of a sliding window.
+    """
+
+    num_steps: int = 10
+    guidance_scale: float = 4.5
+    sde_kind: SDEKind = "sde"
+    noise_level: float = 0.7
+    num_frames: int = 9
+    height: int = 64
+    width: int = 64
+    same_noise_in_group: bool = False
+    train_steps: StepSelection = "all"
+    train_fraction: float = 0.5
+    window_size: int = 2
+    window_placement: WindowPlacement = "random"
+    window_start: int = 0
+    window_slide_every: int = 1
+
+    def __post_init__(self) -> None:
+        prefix = "model.sampler"
+        if self.num_steps < 1:
+            raise ValueError(f"`{prefix}.num_steps` ({self.num_steps}) must be at least 1.")
+        if self.guidance_scale < 1.0:
+            raise ValueError(
+                f"`{prefix}.guidance_scale` ({self.guidance_scale}) must be at least 1 (1 turns guidance off)."
+            )
+        if self.sde_kind not in _SDE_KINDS:
+            raise ValueError(f"`{prefix}.sde_kind` ({self.sde_kind!r}) must be one of {list(_SDE_KINDS)}.")
+        if self.noise_level <= 0:
+            raise ValueError(
+                f"`{prefix}.noise_level` ({self.noise_level}) must be positive: GRPO needs stochastic steps to"
+                " have a likelihood; typical values are 0.7 (sde), 0.3 (dance), 0.8 (cps)."
+            )
+        if self.sde_kind == "cps" and self.noise_level > 1:
+            raise ValueError(f"`{prefix}.noise_level` ({self.noise_level}) must be at most 1 with sde_kind 'cps'.")
+        if self.train_steps not in ("all", "random", "window"):
+            raise ValueError(f"`{prefix}.train_steps` ({self.train_steps!r}) must be one of ['all', 'random', 'window'].")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"`{prefix}.train_fraction` ({self.train_fraction}) must be in (0, 1].")
+        if self.window_placement not in ("fixed", "random", "sliding"):
+            raise ValueError(
+                f"`{prefix}.window_placement` ({self.window_placement!r}) must be one of ['fixed', 'random', 'sliding']."
+            )
+        if self.train_steps == "window":
+            if not 1 <= self.window_size <= self.num_steps:
+                raise ValueError(
+                    f"`{prefix}.window_size` ({self.window_size}) must be between 1 and `num_steps` ({self.num_steps})."
+                )
+            if not 0 <= self.window_start <= self.num_steps - self.window_size:
+                raise ValueError(
+                    f"`{prefix}.window_start` ({self.window_start}) must be between 0 and num_steps - window_size"
+                    f" ({self.num_steps - self.window_size}) so the window fits in the {self.num_steps} steps."
+                )
+        if self.window_slide_every < 1:
+            raise ValueError(f"`{prefix}.window_slide_every` ({self.window_slide_every}) must be at least 1.")
+
+
+@dataclass
+class Rollout:
+    """Everything one GRPO iteration needs from sampling.
+
+    ``N = P * G`` samples, prompt-major; ``S`` denoising steps.
+
+    Attributes:
+        prompts: ``N`` prompts, each repeated ``G`` times.
+        group_size: ``G``.
+        latents: ``(N, S + 1, *latent_shape)``: the initial noise, then the latent after each step.
+        log_probs: ``(N, S)`` fp32 log-probabilities of each step under the sampling policy
+            (0 for deterministic steps).
+        sigmas: ``(S + 1,)`` fp32 noise levels.
+        stochastic: ``(S,)`` bool, steps sampled with noise (the others are ODE steps).
+        train_mask: ``(N, S)`` bool, the (sample, step) pairs that are trained.
+        embeds: conditioning with ``N`` rows.
+        videos: ``(N, T, 3, H, W)`` decoded videos in ``[0, 1]``.
+    """
+
+    prompts: list[str]
+    group_size: int
+    latents: Tensor
+    log_probs: Tensor
+    sigmas: Tensor
+    stochastic: Tensor
+    train_mask: Tensor
+    embeds: PromptEmbeds
+    videos: Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.prompts)
+
+
+def select_steps(config: SamplerConfig, num_samples: int, iteration: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Which steps are stochastic, and which (sample, step) pairs are trained.
+
+    Args:
+        config: The sampler settings.
+        num_samples: ``N``.
+        iteration: The training iteration (places sliding windows).
+        generator: CPU generator for random choices.
+
+    Returns:
+        ``stochastic`` ``(S,)`` and ``train_mask`` ``(N, S)``, both bool on the CPU.
+    """
+    steps = config.num_steps
+    if config.train_steps == "window":
+        if config.window_placement == "fixed":
+            start = config.window_start
+        elif config.window_placement == "random":
+            start = int(torch.randint(0, steps - config.window_size + 1, (1,), generator=generator))
+        else:
+            positions = steps - config.window_size + 1
+            start = (config.window_start + iteration // config.window_slide_every) % positions
+        stochastic = torch.zeros(steps, dtype=torch.bool)
+        stochastic[start : start + config.window_size] = True
+        return stochastic, stochastic.expand(num_samples, steps).clone()
+    stochastic = torch.ones(steps, dtype=torch.bool)
+    if config.train_steps == "all":
+        return stochastic, torch.ones(num_samples, steps, dtype=torch.bool)
+    k = max(1, round(config.train_fraction * steps))
+    order = torch.rand(num_samples, steps, generator=generator).argsort(dim=1)
+    train_mask = torch.zeros(num_samples, steps, dtype=torch.bool)
+    train_mask.scatter_(1, order[:, :k], True)
+    return stochastic, train_mask
+
+
+@torch.no_grad()
+def sample_rollout(
+    policy: VideoPolicy,
+    prompts: Sequence[str],
+    group_size: int,
+    config: SamplerConfig,
+    *,
+    generator: torch.Generator,
+    iteration: int = 0,
+    device: torch.device | str = "cpu",
+    latent_dtype: torch.dtype = torch.float32,
+) -> Rollout:
+    """Sample ``group_size`` videos for each of ``prompts`` and record the trajectory.
+
+    Each unique prompt is encoded once and its embedding repeated for its group.
+
+    Args:
+        policy: The generator.
+        prompts: ``P`` unique prompts.
+        group_size: ``G`` samples per prompt.
+        config: Sampler settings.
+        generator: Source of all randomness (initial noise, step noise, step choice); on ``device``.
+            The same seed gives the same rollout.
+        iteration: Training iteration, for sliding windows.
+        device: Where latents live.
+        latent_dtype: Dtype of the stored latents.
+
+    Returns:
+        The :class:`Rollout`, with ``N = P * G`` samples, prompt-major.
+    """
+    device = torch.device(device)
+    num_prompts = len(prompts)
+    n = num_prompts * group_size
+    guidance = config.guidance_scale != 1.0
+    embeds = policy.encode_prompts(list(prompts), guidance=guidance).repeat_interleave(group_size)
+    shape = policy.latent_shape(config.num_frames, config.height, config.width)
+
+    if config.same_noise_in_group:
+        noise = torch.randn((num_prompts, *shape), generator=generator, device=device, dtype=torch.float32)
+        noise = noise.repeat_interleave(group_size, dim=0)
+    else:
+        noise = torch.randn((n, *shape), generator=generator, device=device, dtype=torch.float32)
+    # Step choices come from a CPU generator seeded from the main one, so they are the same on any device.
+    choice_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
+    stochastic, train_mask = select_steps(config, n, iteration, choice_gen)
+
+    sigmas = policy.sigmas(config.num_steps)
+    latents, log_probs, deterministic = _denoise(policy, embeds, noise, sigmas, stochastic, config, generator, latent_dtype)
+    # A step the sampler made deterministic (e.g. CPS's last step) has no likelihood to train.
+    train_mask[:, deterministic.cpu()] = False
+    videos = policy.decode(latents[:, -1])
+    return Rollout(
+        prompts=[p for p in prompts for _ in range(group_size)],
+        group_size=group_size,
+        latents=latents,
+        log_probs=log_probs,
+        sigmas=sigmas,
+        stochastic=stochastic,
+        train_mask=train_mask.to(device),
+        embeds=embeds,
+        videos=videos,
+    )
+
+
+def _denoise(
+    policy: VideoPolicy,
+    embeds: PromptEmbeds,
+    noise: Tensor,
+    sigmas: Tensor,
+    stochastic: Tensor,
+    config: SamplerConfig,
+    generator: torch.Generator | None,
+    latent_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The denoising loop: ODE (Euler) steps where ``stochastic`` is False, ``config.sde_kind`` elsewhere.
+
+    Returns:
+        ``latents`` ``(N, S + 1, ...)``, ``log_probs`` ``(N, S)`` and ``deterministic`` ``(S,)``,
+        the steps whose noise turned out to be zero.
+    """
+    n, steps = noise.shape[0], len(sigmas) - 1
+    latents = torch.empty((n, steps + 1, *noise.shape[1:]), device=noise.device, dtype=latent_dtype)
+    log_probs = torch.zeros((n, steps), device=noise.device, dtype=torch.float32)
+    deterministic = torch.zeros(steps, dtype=torch.bool)
+    x = noise.to(latent_dtype)
+    latents[:, 0] = x
+    for i in range(steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        velocity = policy.velocity(x, torch.full((n,), sigma, device=x.device), embeds, config.guidance_scale)
+        noise_level = config.noise_level if bool(stochastic[i]) else 0.0
+        step = sde_step(velocity, x, sigma, sigma_next, kind=config.sde_kind, noise_level=noise_level, generator=generator)
+        x = step.prev_sample.to(latent_dtype)
+        latents[:, i + 1] = x
+        log_probs[:, i] = step.log_prob
+        deterministic[i] = not bool((step.std > 0).all())
+    return latents, log_probs, deterministic
+
+
+@torch.no_grad()
+def sample_ode(
+    policy: VideoPolicy,
+    prompts: Sequence[str],
+    config: SamplerConfig,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Deterministic sampling (Euler steps of the probability-flow ODE), one video per prompt.
+
+    This is what ``WanPipeline`` computes with a ``FlowMatchEulerDiscreteScheduler``; it is used for
+    evaluation, where sampler noise would only blur comparisons.
+
+    Returns:
+        ``(P, T, 3, H, W)`` videos in ``[0, 1]``.
+    """
+    device = torch.device(device)
+    embeds = policy.encode_prompts(list(prompts), guidance=config.guidance_scale != 1.0)
+    shape = policy.latent_shape(config.num_frames, config.height, config.width)
+    noise = torch.randn((len(prompts), *shape), generator=generator, device=device, dtype=torch.float32)
+    sigmas = policy.sigmas(config.num_steps)
+    stochastic = torch.zeros(config.num_steps, dtype=torch.bool)
+    latents, _, _ = _denoise(policy, embeds, noise, sigmas, stochastic, config, None, torch.float32)
+    return policy.decode(latents[:, -1])
+
+
+__all__ = ["Rollout", "SamplerConfig", "StepSelection", "WindowPlacement", "sample_ode", "sample_rollout", "select_steps"]
