@@ -7,6 +7,7 @@ rollout -> rewards -> advantages -> K clipped policy updates -> logs.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -19,7 +20,13 @@ from sp_grpo.functional.losses import clipped_surrogate, gaussian_kl
 from sp_grpo.functional.sde import sde_step
 from sp_grpo.policies.base import VideoPolicy
 from sp_grpo.rewards.mixture import RewardSet
-from sp_grpo.rollout import Rollout, SamplerConfig, sample_rollout
+from sp_grpo.rollout import Rollout, SamplerConfig, sample_ode, sample_rollout
+
+# Two Lightning warnings that are expected here and would only confuse: the frozen VAE and text
+# encoder are deliberately kept in eval mode, and with manual optimization a checkpoint holds the
+# weights after the iteration's updates, which is what resuming needs.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 
 _SCALES = ("group", "batch", "none")
 _MODES = ("normalize_then_sum", "sum_then_normalize")
@@ -241,6 +248,17 @@ class SelfPacedGRPO(L.LightningModule):
             "prompts": rollout.prompts,
         }
 
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Deterministic evaluation: ODE sampling from fixed noise, every reward logged under ``val/``."""
+        prompts = _check_prompts(batch)
+        generator = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, batch_idx, 1 << 21))
+        videos = sample_ode(self.policy, prompts, self.sampler, generator=generator, device=self.device)
+        scores = self.rewards(videos, prompts)
+        logs = {f"val/reward/{name}": value.mean() for name, value in scores.per_reward.items()}
+        logs.update({f"val/aspect/{aspect}": value.mean() for aspect, value in scores.per_aspect.items()})
+        logs["val/reward_weighted"] = sum(self.reward_weights.get(a, 0.0) * v.mean() for a, v in scores.per_aspect.items())
+        self.log_dict(logs, batch_size=len(prompts))
+
     def policy_updates(self, rollout: Rollout, advantages: Tensor) -> dict[str, Tensor]:
         """Run ``num_inner_epochs`` passes of clipped updates over the rollout.
 
@@ -266,23 +284,49 @@ class SelfPacedGRPO(L.LightningModule):
                 if pairs.numel() == 0:
                     continue
                 pairs[:, 0] = minibatch.to(pairs.device)[pairs[:, 0]]
-                for micro in pairs.split(self.micro_batch_size):
-                    out = self.pair_loss(rollout, advantages, micro)
-                    self.manual_backward(out["loss"] * (len(micro) / len(pairs)))
-                    for key in totals:
-                        totals[key].append(out[key].detach() * (len(micro) / len(pairs)))
-                    if first_log_ratio is None:
-                        first_log_ratio = out["log_ratio"].detach().abs().max()
+                for key, value in self.accumulate_gradients(rollout, advantages, pairs).items():
+                    if key == "log_ratio":
+                        first_log_ratio = value.abs().max() if first_log_ratio is None else first_log_ratio
+                    else:
+                        totals[key].append(value)
                 if self.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
-        steps = max(1, self.updates_per_iteration)
-        stats = {key: torch.stack(values).sum() / steps if values else torch.zeros((), device=self.device) for key, values in totals.items()}
+        stats = {key: torch.stack(values).mean() if values else torch.zeros((), device=self.device) for key, values in totals.items()}
         stats["first_log_ratio_abs_max"] = first_log_ratio if first_log_ratio is not None else torch.zeros((), device=self.device)
         stats["trained_pairs"] = rollout.train_mask.sum().float()
         return stats
+
+    def accumulate_gradients(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
+        """Backpropagate the mean loss over ``pairs``, ``micro_batch_size`` pairs at a time.
+
+        Each micro-batch's mean loss is weighted by its share of ``pairs``, so the accumulated
+        gradient is that of the mean over all pairs, whatever the micro-batch size.
+
+        Args:
+            rollout: The rollout.
+            advantages: ``(N,)`` advantages.
+            pairs: ``(M, 2)`` rows of (sample index, step index).
+
+        Returns:
+            The pair-weighted means of ``loss``, ``clip_frac``, ``approx_kl``, ``kl_ref`` and
+            ``ratio_mean``, and ``log_ratio`` ``(M,)``, all detached.
+        """
+        sums: dict[str, Tensor] = {}
+        log_ratios = []
+        for micro in pairs.split(self.micro_batch_size):
+            out = self.pair_loss(rollout, advantages, micro)
+            share = len(micro) / len(pairs)
+            if self._trainer is not None:
+                self.manual_backward(out["loss"] * share)
+            else:  # used outside a Trainer (notebooks, tests)
+                (out["loss"] * share).backward()
+            log_ratios.append(out.pop("log_ratio").detach())
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value.detach() * share
+        return {**sums, "log_ratio": torch.cat(log_ratios)}
 
     def pair_loss(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
         """Clipped surrogate (+ KL to the reference) on a micro-batch of ``(sample, step)`` pairs.

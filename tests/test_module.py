@@ -1,0 +1,157 @@
+import lightning as L
+import pytest
+import torch
+
+from sp_grpo.data import PromptDataModule
+from sp_grpo.functional.advantages import group_advantages
+from sp_grpo.module import SelfPacedGRPO
+from sp_grpo.policies import TinyWanPolicy
+from sp_grpo.rewards import ColorPromptAlignment, RewardSet, Sharpness, TemporalFlickering
+from sp_grpo.rollout import SamplerConfig, sample_rollout
+
+PROMPTS = ["a red square moving left", "a blue circle moving right", "a green ball moving up", "a yellow box"]
+
+
+def make_module(**overrides):
+    kwargs = dict(
+        group_size=4,
+        sampler=SamplerConfig(num_steps=4, num_frames=5, height=32, width=32, guidance_scale=2.0),
+        micro_batch_size=8,
+        learning_rate=1e-2,
+        clip_range=0.05,
+    )
+    kwargs.update(overrides)
+    policy = kwargs.pop("policy", None) or TinyWanPolicy(seed=0, lora_rank=4)
+    rewards = RewardSet({"sharp": Sharpness(), "flicker": TemporalFlickering(), "colour": ColorPromptAlignment()})
+    return SelfPacedGRPO(policy, rewards, **kwargs)
+
+
+def fit(module, steps=3, batch_size=2):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=batch_size))
+    return trainer
+
+
+def test_fit_changes_every_lora_parameter_and_nothing_frozen():
+    module = make_module()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    fit(module, steps=3)
+    for name, param in module.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def test_first_inner_update_is_on_policy_and_later_ones_are_not():
+    module = make_module(num_inner_epochs=3, learning_rate=5e-2)
+    trainer = fit(module, steps=3)  # one iteration of three optimizer steps
+    metrics = trainer.callback_metrics
+    assert metrics["train/first_log_ratio_abs_max"] <= 1e-5
+    # The later epochs are off-policy: their ratios move away from 1 (so the check above can fail).
+    assert metrics["train/approx_kl"] > 0
+
+
+def test_training_step_returns_the_curriculum_contract():
+    module = make_module()
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Spy()])
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=2))
+    (out,) = seen
+    assert out["group_size"] == 4 and len(out["prompts"]) == 8
+    assert set(out["aspect_rewards"]) == {"fidelity", "temporal", "semantic"}
+    assert all(v.shape == (8,) for v in out["aspect_rewards"].values())
+
+
+def _rollout_and_advantages(module):
+    rollout = sample_rollout(module.policy, PROMPTS[:2], 4, module.sampler, generator=torch.Generator().manual_seed(0))
+    advantages = group_advantages(torch.linspace(0.0, 1.0, 8) ** 2, 4)
+    return rollout, advantages
+
+
+def test_micro_batching_does_not_change_gradients():
+    module = make_module()
+    with torch.no_grad():  # move off the LoRA zero-init so every weight has a gradient
+        for p in module.policy.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rollout, advantages = _rollout_and_advantages(module)
+    pairs = rollout.train_mask.nonzero()[:4]
+    grads = {}
+    for size in (1, 4):
+        module.micro_batch_size = size
+        module.policy.zero_grad(set_to_none=True)
+        module.accumulate_gradients(rollout, advantages, pairs)
+        grads[size] = [p.grad.clone() for p in module.policy.trainable_parameters()]
+    # Independent reference: the mean of the four per-pair losses, backpropagated at once.
+    module.policy.zero_grad(set_to_none=True)
+    losses = torch.stack([module.pair_loss(rollout, advantages, pairs[i : i + 1])["loss"] for i in range(4)])
+    losses.mean().backward()
+    reference = [p.grad.clone() for p in module.policy.trainable_parameters()]
+    assert any(g.abs().sum() > 0 for g in reference)
+    for g1, g4, ref in zip(grads[1], grads[4], reference):
+        torch.testing.assert_close(g1, g4, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g4, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_kl_to_reference_grows_as_lora_moves():
+    module = make_module(kl_coef=0.1)
+    rollout, advantages = _rollout_and_advantages(module)
+    pairs = rollout.train_mask.nonzero()[:4]
+    assert module.pair_loss(rollout, advantages, pairs)["kl_ref"] == 0  # LoRA starts as the identity
+    with torch.no_grad():
+        for p in module.policy.trainable_parameters():
+            p.add_(0.1)
+    assert module.pair_loss(rollout, advantages, pairs)["kl_ref"] > 0
+
+
+def test_bad_batch_has_a_clear_error():
+    module = make_module()
+    with pytest.raises(ValueError, match="dict with `prompts`"):
+        module.training_step({"text": ["x"]}, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"group_size": 1}, r"`group_size` \(1\) must be at least 2.*model.group_size"),
+        ({"num_inner_epochs": 0}, "num_inner_epochs"),
+        ({"num_minibatches": 0}, "num_minibatches"),
+        ({"micro_batch_size": 0}, "micro_batch_size"),
+        ({"clip_range": 0.0}, "clip_range"),
+        ({"advantage_scale": "global"}, r"advantage_scale.*\['group', 'batch', 'none'\]"),
+        ({"aggregation": "mean"}, "aggregation"),
+        ({"advantage_clip": -1.0}, "advantage_clip"),
+        ({"kl_coef": -0.1}, "kl_coef"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"lr_warmup_steps": -1}, "lr_warmup_steps"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"reward_weights": {"style": 1.0}}, r"reward_weights.*\['style'\]"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_module(**kwargs)
+
+
+def test_kl_needs_a_reference_model():
+    with pytest.raises(ValueError, match="reference_copy"):
+        make_module(policy=TinyWanPolicy(seed=0, lora_rank=None), kl_coef=0.1)
+
+
+def test_policy_must_be_a_video_policy():
+    with pytest.raises(TypeError, match="VideoPolicy"):
+        SelfPacedGRPO(torch.nn.Linear(2, 2), RewardSet({"sharp": Sharpness()}))
