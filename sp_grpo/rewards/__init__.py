@@ -1,0 +1,35 @@
+"""Video rewards, torchmetrics-style: the maths is in :mod:`sp_grpo.functional`, the modules are thin."""
+
+from sp_grpo.rewards.backbones import Backbone, SharedModel, resolve_backbone
+from sp_grpo.rewards.base import ASPECTS, VideoReward, check_videos
+from sp_grpo.rewards.fidelity import AestheticScore, Contrast, Exposure, NoiseLevel, Sharpness, load_linear_head
+from sp_grpo.rewards.judges import CallableJudge, VideoJudge
+from sp_grpo.rewards.mixture import RewardOutput, RewardSet
+from sp_grpo.rewards.semantic import ColorPromptAlignment, JudgeReward, TextVideoAlignment
+from sp_grpo.rewards.temporal import DynamicDegree, FeatureConsistency, MotionSmoothness, TemporalFlickering
+
+__all__ = [
+    "ASPECTS",
+    "AestheticScore",
+    "Backbone",
+    "CallableJudge",
+    "ColorPromptAlignment",
+    "Contrast",
+    "DynamicDegree",
+    "Exposure",
+    "FeatureConsistency",
+    "JudgeReward",
+    "MotionSmoothness",
+    "NoiseLevel",
+    "RewardOutput",
+    "RewardSet",
+    "SharedModel",
+    "Sharpness",
+    "TemporalFlickering",
+    "TextVideoAlignment",
+    "VideoJudge",
+    "VideoReward",
+    "check_videos",
+    "load_linear_head",
+    "resolve_backbone",
+]
