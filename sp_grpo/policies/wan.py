@@ -30,7 +30,7 @@ class WanComponents:
     """The five parts of a Wan pipeline folder, already built or loaded."""
 
     transformer: nn.Module
-    vae: nn.Module
+    vae: nn.Module | None  # None: the transformer works on pixels (scaled to [-1, 1]) directly
     text_encoder: nn.Module
     tokenizer: Any
     scheduler: Any
@@ -43,12 +43,12 @@ def _check_diffusers_folder(path: str) -> Path:
             f"`pretrained_path` ({path!r}) does not exist: point `model.policy.init_args.pretrained_path` at a"
             " local diffusers folder (one with model_index.json, e.g. a downloaded Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
         )
-    missing = [p for p in ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer") if not (folder / p).exists()]
+    missing = [p for p in ("model_index.json", "transformer", "text_encoder", "tokenizer") if not (folder / p).exists()]
     if missing:
         raise ValueError(
             f"`pretrained_path` ({path!r}) is not a diffusers Wan folder: it lacks {', '.join(missing)}. Point"
             " `model.policy.init_args.pretrained_path` at the folder that holds model_index.json and the"
-            " transformer/, vae/, text_encoder/, tokenizer/ and scheduler/ subfolders."
+            " transformer/, vae/ (optional), text_encoder/, tokenizer/ and scheduler/ subfolders."
         )
     return folder
 
@@ -70,7 +70,9 @@ def load_wan_components(path: str, torch_dtype: torch.dtype = torch.float32, shi
     folder = _check_diffusers_folder(path)
     kwargs = {"local_files_only": True}
     transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype, **kwargs)
-    vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **kwargs)
+    vae = None
+    if (folder / "vae").exists():
+        vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **kwargs)
     text_encoder = UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", **kwargs)
     scheduler_cfg: dict[str, Any] = {}
@@ -89,7 +91,9 @@ class WanPolicy(nn.Module):
     Args:
         pretrained_path: Local diffusers folder (``model_index.json``, ``transformer/``, ``vae/``,
             ``text_encoder/``, ``tokenizer/``, ``scheduler/``). Required unless ``components`` is given.
-        components: Already built parts (for notebooks and tests); overrides ``pretrained_path``.
+        components: Already built parts (for notebooks and tests); overrides ``pretrained_path``. A
+            ``vae`` of ``None`` (or a folder without ``vae/``) makes the transformer work on pixels:
+            latents are RGB frames scaled to ``[-1, 1]`` (the shapes world does this).
         torch_dtype: Dtype of the transformer and text encoder weights; the VAE stays fp32.
         lora_rank: LoRA rank through peft; ``None`` trains the whole transformer.
         lora_alpha: LoRA scaling numerator (``alpha / rank`` scales the update); defaults to the rank.
@@ -160,8 +164,9 @@ class WanPolicy(nn.Module):
         self.lora_rank = lora_rank
 
         for module in (self.vae, self.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
         self.reference_transformer: nn.Module | None = None
         if lora_rank is None:
             self.transformer.requires_grad_(True)
@@ -192,17 +197,24 @@ class WanPolicy(nn.Module):
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 
-        self._vae_t = int(getattr(self.vae.config, "scale_factor_temporal", 4))
-        self._vae_s = int(getattr(self.vae.config, "scale_factor_spatial", 8))
-        z_dim = int(self.vae.config.z_dim)
-        self.register_buffer("latents_mean", torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, z_dim, 1, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, z_dim, 1, 1, 1), persistent=False)
+        if self.vae is None:  # pixel space: "latents" are RGB frames in [-1, 1]
+            self._vae_t, self._vae_s, self._z_dim = 1, 1, 3
+            mean, std = [0.0] * 3, [1.0] * 3
+        else:
+            self._vae_t = int(getattr(self.vae.config, "scale_factor_temporal", 4))
+            self._vae_s = int(getattr(self.vae.config, "scale_factor_spatial", 8))
+            self._z_dim = int(self.vae.config.z_dim)
+            mean, std = self.vae.config.latents_mean, self.vae.config.latents_std
+        shape = (1, self._z_dim, 1, 1, 1)
+        self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32).view(shape), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32).view(shape), persistent=False)
 
     # -- nn.Module ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> WanPolicy:
         """Only the transformer follows train/eval; the frozen encoders stay in eval (no dropout)."""
         super().train(mode)
-        self.vae.eval()
+        if self.vae is not None:
+            self.vae.eval()
         self.text_encoder.eval()
         if self.reference_transformer is not None:
             self.reference_transformer.eval()
@@ -264,7 +276,7 @@ class WanPolicy(nn.Module):
                     f" {p}): set `model.sampler.{name}` to {max(multiple, size // multiple * multiple)}."
                 )
         frames = (num_frames - 1) // self._vae_t + 1
-        return (int(self.vae.config.z_dim), frames, height // self._vae_s, width // self._vae_s)
+        return (self._z_dim, frames, height // self._vae_s, width // self._vae_s)
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The scheduler's ``(num_steps + 1,)`` shifted sigma schedule, ending at 0, in fp32 on CPU."""
@@ -327,7 +339,7 @@ class WanPolicy(nn.Module):
         for part in latents.split(chunk):
             # The VAE runs in fp32: its normalisation statistics and decoder are unstable in half precision.
             z = part.to(torch.float32) * self.latents_std + self.latents_mean
-            video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+            video = z if self.vae is None else self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
             videos.append(((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4))
         return torch.cat(videos)
 

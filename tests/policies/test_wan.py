@@ -208,3 +208,16 @@ def test_prompt_embeds_helpers():
     rep = embeds.repeat_interleave(2)
     assert rep.cond[:, 0, 0].tolist() == [0.0, 0.0, 3.0, 3.0]
     assert rep.index(torch.tensor([3])).cond[0, 0, 0] == 3.0
+
+
+def test_pixel_space_without_vae(tmp_path):
+    components = tiny_wan_components(0, latent_channels=3)
+    components.vae = None
+    policy = WanPolicy(components=components, lora_rank=4, max_sequence_length=16)
+    assert policy.latent_shape(4, 16, 16) == (3, 4, 16, 16)
+    latents = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    video = policy.decode(latents)
+    torch.testing.assert_close(video, ((latents + 1) / 2).permute(0, 2, 1, 3, 4))
+    save_wan_folder(components, tmp_path / "pixels")
+    loaded = WanPolicy(str(tmp_path / "pixels"), lora_rank=4, max_sequence_length=16)
+    assert loaded.vae is None and loaded.latent_shape(4, 16, 16) == (3, 4, 16, 16)
