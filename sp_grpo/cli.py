@@ -36,12 +36,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sp-grpo`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "score":
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "score":
         from sp_grpo.scoring import score_main
 
-        return score_main(argv[1:])
-    cli_main(argv)
+        return score_main(args[1:])
+    # Given no list, LightningCLI reads sys.argv itself (and warns when given both).
+    cli_main(None if argv is None else args)
     return 0
 
 

@@ -78,7 +78,7 @@ class SelfPacedGRPO(L.LightningModule):
         rewards: RewardSet,
         *,
         group_size: int = 4,
-        sampler: SamplerConfig | None = None,
+        sampler: SamplerConfig = SamplerConfig(),  # noqa: B008 - frozen dataclass, safe to share
         num_inner_epochs: int = 1,
         num_minibatches: int = 1,
         micro_batch_size: int = 8,
@@ -136,7 +136,7 @@ class SelfPacedGRPO(L.LightningModule):
         self.policy = policy
         self.rewards = rewards
         self.group_size = group_size
-        self.sampler = sampler if sampler is not None else SamplerConfig()
+        self.sampler = sampler
         self.num_inner_epochs = num_inner_epochs
         self.num_minibatches = num_minibatches
         self.micro_batch_size = micro_batch_size

@@ -21,7 +21,7 @@ WindowPlacement = Literal["fixed", "random", "sliding"]
 _SDE_KINDS = ("sde", "cps", "dance")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerConfig:
     """How rollouts are sampled and which denoising steps are trained.
 
