@@ -6,6 +6,7 @@ rollout -> rewards -> advantages -> K clipped policy updates -> logs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from typing import Any
@@ -68,6 +69,8 @@ class SelfPacedGRPO(L.LightningModule):
         max_grad_norm: Clip the gradient norm before each optimizer step; ``null`` for no clip.
         reward_weights: Initial aspect weights; ``null`` weighs the aspects of ``rewards`` equally.
             A curriculum callback overwrites them.
+        val_sampler: Sampler settings of the validation loop (its own steps and video size); ``null``
+            uses ``sampler``. Validation samples with the ODE (no sampler noise) from fixed seeds.
         seed: Seed of the rollout noise; iteration ``i`` on rank ``r`` uses a generator seeded from
             ``(seed, i, r)``, so a resumed run samples exactly what an uninterrupted one would.
     """
@@ -93,6 +96,7 @@ class SelfPacedGRPO(L.LightningModule):
         lr_warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         reward_weights: dict[str, float] | None = None,
+        val_sampler: SamplerConfig | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -137,6 +141,7 @@ class SelfPacedGRPO(L.LightningModule):
         self.rewards = rewards
         self.group_size = group_size
         self.sampler = sampler
+        self.val_sampler = val_sampler if val_sampler is not None else sampler
         self.num_inner_epochs = num_inner_epochs
         self.num_minibatches = num_minibatches
         self.micro_batch_size = micro_batch_size
@@ -164,7 +169,10 @@ class SelfPacedGRPO(L.LightningModule):
         #: callbacks write it between batches.
         self.reward_weights: dict[str, float] = dict(reward_weights)
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["policy", "rewards"])
+        # Samplers are stored as plain dicts so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["policy", "rewards", "sampler", "val_sampler"])
+        self.hparams["sampler"] = dataclasses.asdict(self.sampler)
+        self.hparams["val_sampler"] = dataclasses.asdict(self.val_sampler)
 
     # -- optimisation setup ---------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -249,10 +257,14 @@ class SelfPacedGRPO(L.LightningModule):
         }
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Deterministic evaluation: ODE sampling from fixed noise, every reward logged under ``val/``."""
+        """Deterministic evaluation: ODE sampling from fixed noise, every reward logged under ``val/``.
+
+        ``val/reward_weighted`` weighs the aspects with the curriculum's current weights, so it is
+        the reward the generator is being trained on at this point; ``val/aspect/*`` are unweighted.
+        """
         prompts = _check_prompts(batch)
         generator = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, batch_idx, 1 << 21))
-        videos = sample_ode(self.policy, prompts, self.sampler, generator=generator, device=self.device)
+        videos = sample_ode(self.policy, prompts, self.val_sampler, generator=generator, device=self.device)
         scores = self.rewards(videos, prompts)
         logs = {f"val/reward/{name}": value.mean() for name, value in scores.per_reward.items()}
         logs.update({f"val/aspect/{aspect}": value.mean() for aspect, value in scores.per_aspect.items()})

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+# PromptDataModule resumes mid-epoch exactly (see ResumablePromptSampler) through Lightning's restored
+# loop counters rather than a dataloader state_dict, which Lightning's check does not know about.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def read_prompt_file(path: str | Path, setting: str = "data.prompt_file") -> list[str]:
@@ -43,6 +49,49 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> str:
         return self.prompts[index]
+
+
+class ResumablePromptSampler(Sampler[int]):
+    """Prompt order that is a pure function of ``(seed, epoch)`` and can start mid-epoch.
+
+    Lightning calls :meth:`set_epoch` before every epoch; a run resumed from a mid-epoch checkpoint
+    calls :meth:`skip` once, so it serves exactly the prompts an uninterrupted run would have
+    served next. (A plain shuffled sampler restarts the epoch from its first batch on resume.)
+
+    Args:
+        num_prompts: Size of the prompt list.
+        shuffle: Permute the prompts every epoch.
+        seed: Seed of the permutations.
+    """
+
+    def __init__(self, num_prompts: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.num_prompts = num_prompts
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def skip(self, num_samples: int) -> None:
+        """Leave out the first ``num_samples`` indices of the next iteration only."""
+        self._skip = num_samples
+
+    def order(self, epoch: int) -> list[int]:
+        """The full index order of ``epoch``."""
+        if not self.shuffle:
+            return list(range(self.num_prompts))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_prompts, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._skip = self._skip, 0
+        return iter(self.order(self.epoch)[start:])
+
+    def __len__(self) -> int:
+        return self.num_prompts
 
 
 def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
@@ -96,12 +145,22 @@ class PromptDataModule(L.LightningDataModule):
         self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        sampler = ResumablePromptSampler(len(self.train_prompts), self.shuffle, self.seed)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # Resuming mid-epoch: Lightning has restored its loop counters before asking for data;
+            # skip the batches of this epoch that the checkpointed run already trained on.
+            loop = trainer.fit_loop
+            # `processed` counts the batches whose training step finished, whether the checkpoint was
+            # written at the end of a batch (before `completed` moves) or on an exception after it.
+            done = loop.epoch_loop.batch_progress.current.processed
+            if done and done < len(range(0, len(self.train_prompts), self.batch_size)):
+                sampler.set_epoch(loop.epoch_progress.current.processed)
+                sampler.skip(done * self.batch_size)
         return DataLoader(
             PromptDataset(self.train_prompts),
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            sampler=sampler,
             collate_fn=collate_prompts,
         )
 

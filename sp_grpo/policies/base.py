@@ -118,3 +118,30 @@ def cfg_velocity(
         v_cond = forward(latents, sigma, embeds.cond)
         v_uncond = forward(latents, sigma, embeds.uncond)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def omit_frozen_from_state_dict(module: nn.Module) -> None:
+    """Leave frozen parameters out of ``module.state_dict()`` and do not require them when loading.
+
+    Frozen weights (text encoder, VAE, the base transformer under LoRA) come from the pretrained
+    folder; saving them would make every checkpoint as large as the model. With this, a Lightning
+    checkpoint (and Lightning's ``EMAWeightAveraging``, which averages a copy of the module) holds
+    only what training changes, and loading it with ``strict=True`` still checks every trainable key.
+    """
+
+    def frozen_names() -> set[str]:
+        return {name for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad}
+
+    def drop_frozen(mod: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for name in frozen_names():
+            state_dict.pop(prefix + name, None)
+
+    def allow_missing_frozen(mod: nn.Module, incompatible_keys) -> None:
+        # The keys are relative to the module being loaded, of which this one may be a child.
+        frozen = frozen_names()
+        incompatible_keys.missing_keys[:] = [
+            key for key in incompatible_keys.missing_keys if not any(key == n or key.endswith("." + n) for n in frozen)
+        ]
+
+    module.register_state_dict_post_hook(drop_frozen)
+    module.register_load_state_dict_post_hook(allow_missing_frozen)

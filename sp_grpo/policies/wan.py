@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from sp_grpo.policies.base import PromptEmbeds, cfg_velocity
+from sp_grpo.policies.base import PromptEmbeds, cfg_velocity, omit_frozen_from_state_dict
 
 DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,6 +87,9 @@ def load_wan_components(path: str, torch_dtype: torch.dtype = torch.float32, shi
 
 class WanPolicy(nn.Module):
     """A diffusers Wan text-to-video model behind the :class:`~sp_grpo.policies.VideoPolicy` protocol.
+
+    ``state_dict()`` holds only the trainable weights (LoRA, or the transformer under full
+    fine-tuning): the frozen ones are the pretrained folder's, so checkpoints stay small.
 
     Args:
         pretrained_path: Local diffusers folder (``model_index.json``, ``transformer/``, ``vae/``,
@@ -196,6 +199,7 @@ class WanPolicy(nn.Module):
                     param.data = param.data.float()
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        omit_frozen_from_state_dict(self)
 
         if self.vae is None:  # pixel space: "latents" are RGB frames in [-1, 1]
             self._vae_t, self._vae_s, self._z_dim = 1, 1, 3
