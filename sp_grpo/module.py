@@ -193,9 +193,25 @@ class SelfPacedGRPO(L.LightningModule):
         generator.manual_seed(_mix_seed(self.seed, iteration, rank))
         return generator
 
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and isinstance(getattr(datamodule, "batch_size", None), int):
+            self._check_batch_size(datamodule.batch_size)
+
+    def _check_batch_size(self, num_prompts: int) -> None:
+        samples = num_prompts * self.group_size
+        if samples % self.num_minibatches:
+            raise ValueError(
+                f"A batch of {num_prompts} prompts x `model.group_size` ({self.group_size}) = {samples} samples does"
+                f" not split into `model.num_minibatches` ({self.num_minibatches}) equal minibatches: set"
+                " `data.batch_size` or `model.num_minibatches` so that batch_size * group_size is a multiple of"
+                " num_minibatches."
+            )
+
     # -- one GRPO iteration ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         prompts = _check_prompts(batch)
+        self._check_batch_size(len(prompts))
         iteration = self.global_step // self.updates_per_iteration
 
         # 1. Rollout: G samples per prompt with the stochastic sampler, keeping log-probs.

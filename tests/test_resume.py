@@ -47,7 +47,7 @@ model:
   learning_rate: 0.01
   lr_warmup_steps: 3
 data:
-  prompts: [a red square moving left, a blue circle moving right, a green ball moving up]
+  prompts: [a red square moving left, a blue circle moving right, a green ball moving up, a yellow box moving down, a white ring]
   batch_size: 2
 """
 

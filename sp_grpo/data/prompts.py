@@ -102,6 +102,10 @@ def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
 class PromptDataModule(L.LightningDataModule):
     """Serves ``batch_size`` unique prompts per training step (each sampled ``group_size`` times).
 
+    Every training batch holds exactly ``batch_size`` prompts (an epoch drops the remainder, which
+    changes with the shuffle), and a run resumed from a mid-epoch checkpoint continues with exactly
+    the prompts an uninterrupted run would have served.
+
     Args:
         prompts: Training prompts; or use ``prompt_file``.
         prompt_file: Text file with one training prompt per line (``#`` starts a comment line).
@@ -154,7 +158,7 @@ class PromptDataModule(L.LightningDataModule):
             # `processed` counts the batches whose training step finished, whether the checkpoint was
             # written at the end of a batch (before `completed` moves) or on an exception after it.
             done = loop.epoch_loop.batch_progress.current.processed
-            if done and done < len(range(0, len(self.train_prompts), self.batch_size)):
+            if done and done < len(self.train_prompts) // self.batch_size:
                 sampler.set_epoch(loop.epoch_progress.current.processed)
                 sampler.skip(done * self.batch_size)
         return DataLoader(
@@ -162,6 +166,7 @@ class PromptDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=collate_prompts,
+            drop_last=True,  # every step sees `batch_size` prompts; the remainder rotates with the shuffle
         )
 
     def val_dataloader(self) -> DataLoader:

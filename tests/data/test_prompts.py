@@ -25,8 +25,8 @@ def test_prompt_file_errors(tmp_path):
 def test_datamodule_yields_batches_of_unique_prompts(tmp_path):
     dm = PromptDataModule(prompts=["a", "b", "c", "d", "e"], batch_size=2, seed=1)
     batches = list(dm.train_dataloader())
-    assert [len(b["prompts"]) for b in batches] == [2, 2, 1]
-    assert sorted(p for b in batches for p in b["prompts"]) == ["a", "b", "c", "d", "e"]
+    assert [len(b["prompts"]) for b in batches] == [2, 2]  # the remainder is dropped
+    assert len({p for b in batches for p in b["prompts"]}) == 4
     assert batches == list(PromptDataModule(prompts=["a", "b", "c", "d", "e"], batch_size=2, seed=1).train_dataloader())
 
 
@@ -44,3 +44,19 @@ def test_datamodule_yields_batches_of_unique_prompts(tmp_path):
 def test_datamodule_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PromptDataModule(**kwargs)
+
+
+def test_sampler_order_depends_on_seed_and_epoch_and_can_skip():
+    from sp_grpo.data.prompts import ResumablePromptSampler
+
+    sampler = ResumablePromptSampler(10, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(10))
+    assert list(ResumablePromptSampler(10, seed=3)) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(second) == list(range(10))
+    sampler.skip(4)
+    assert list(sampler) == second[4:]
+    assert list(sampler) == second  # the skip applies once
+    assert list(ResumablePromptSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]

@@ -1,0 +1,86 @@
+"""Every bad input of the README's "What is validated" list fails early with a message that names the fix."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from sp_grpo.cli import cli_main
+from sp_grpo.data import PromptDataModule
+from sp_grpo.module import SelfPacedGRPO
+from sp_grpo.policies import TinyWanPolicy, WanPolicy
+from sp_grpo.rewards import RewardSet, Sharpness, VideoReward
+from sp_grpo.rollout import SamplerConfig
+from sp_grpo.scoring import score_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WrongShape(VideoReward):
+    aspect = "fidelity"
+    higher_is_better = True
+
+    def score(self, videos, prompts):
+        return torch.zeros(videos.shape[0], 2)
+
+
+class ReturnsNaN(VideoReward):
+    aspect = "temporal"
+    higher_is_better = True
+
+    def score(self, videos, prompts):
+        return torch.full((videos.shape[0],), float("nan"))
+
+
+def _prompt_file(tmp_path, content: bytes) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    return str(path)
+
+
+def _module(**kwargs):
+    return SelfPacedGRPO(TinyWanPolicy(), RewardSet({"sharp": Sharpness()}), **kwargs)
+
+
+CASES = {
+    "missing prompt file": (lambda tmp: PromptDataModule(prompt_file=str(tmp / "nope.txt")), FileNotFoundError, r"`data.prompt_file` .* does not exist"),
+    "empty prompt file": (lambda tmp: PromptDataModule(prompt_file=_prompt_file(tmp, b"\n# no prompt\n")), ValueError, "holds no prompt"),
+    "undecodable prompt file": (lambda tmp: PromptDataModule(prompt_file=_prompt_file(tmp, b"caf\xe9\n")), ValueError, "not UTF-8"),
+    "group_size < 2": (lambda tmp: _module(group_size=1), ValueError, r"`group_size` \(1\) must be at least 2.*set `model.group_size`"),
+    "invalid noise level": (lambda tmp: SamplerConfig(noise_level=-0.5), ValueError, r"`model.sampler.noise_level` \(-0.5\) must be positive"),
+    "step window too large": (lambda tmp: SamplerConfig(num_steps=4, train_steps="window", window_size=6), ValueError, r"window_size` \(6\) must be between 1 and `num_steps` \(4\)"),
+    "step window out of range": (lambda tmp: SamplerConfig(num_steps=4, train_steps="window", window_size=2, window_start=3), ValueError, r"window_start` \(3\)"),
+    "video size off the strides": (lambda tmp: TinyWanPolicy().latent_shape(9, 60, 64), ValueError, r"`height` \(60\) must be a positive multiple of 16"),
+    "model path missing": (lambda tmp: WanPolicy(str(tmp / "no-model")), FileNotFoundError, "pretrained_path.*does not exist"),
+    "model path not diffusers": (lambda tmp: WanPolicy(str(tmp)), ValueError, "not a diffusers Wan folder"),
+    "reward of wrong shape": (lambda tmp: RewardSet({"bad": WrongShape()})(torch.rand(2, 3, 3, 8, 8), ["a", "b"]), RuntimeError, r"WrongShape.score must return shape \(2,\)"),
+    "reward returning NaN": (lambda tmp: RewardSet({"nan": ReturnsNaN()})(torch.rand(2, 3, 3, 8, 8), ["a", "b"]), ValueError, "reward 'nan' returned NaN"),
+    "bad config value": (lambda tmp: cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.group_size", "1"], run=False), ValueError, r"`group_size` \(1\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_has_a_clear_error(case, tmp_path):
+    make, error, match = CASES[case]
+    with pytest.raises(error, match=match):
+        make(tmp_path)
+
+
+def test_batch_that_does_not_split_fails_before_any_rollout():
+    module = _module(group_size=3, num_minibatches=2, sampler=SamplerConfig(num_steps=2, num_frames=5, height=32, width=32))
+    calls = []
+    module.policy.transformer.register_forward_hook(lambda *args: calls.append(1))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"3 prompts x `model.group_size` \(3\) = 9 samples does not split into `model.num_minibatches` \(2\)"):
+        trainer.fit(module, datamodule=PromptDataModule(prompts=["a", "b", "c"], batch_size=3))
+    assert not calls
+
+
+def test_corrupt_video_in_score_names_the_file(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a red square-0.mp4").write_bytes(b"not a video at all")
+    status = score_main(["--videos", str(tmp_path / "videos"), "--rewards", str(ROOT / "configs/rewards/model_free.yaml"),
+                         "--out", str(tmp_path / "scores.csv")])
+    assert status == 1
+    assert "a red square-0.mp4" in capsys.readouterr().err
