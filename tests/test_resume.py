@@ -23,7 +23,7 @@ trainer:
   enable_model_summary: false
   logger:
     class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: run, name: logs, version: 0}}
+    init_args: {{save_dir: run, name: logs, version: 0, flush_logs_every_n_steps: 1}}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: run/checkpoints, save_last: true, every_n_train_steps: 1}}
@@ -110,6 +110,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     extra = "    - class_path: tests.resume_helpers.SignalAfterSteps\n      init_args: {step: 4, signal_name: SIGKILL}"
     killed = run_fit(tmp_path, STEPS, extra)
     assert killed.returncode == -signal.SIGKILL
+    logged = (tmp_path / "run/logs/version_0/metrics.csv").read_text().splitlines()
+    assert len(logged) >= 4  # header + the steps before the kill: logs are flushed every step
     partial = load(tmp_path / "run/checkpoints/last.ckpt")
     assert 0 < partial["global_step"] < STEPS
     resumed = run_fit(tmp_path, STEPS, ckpt_path="last")
