@@ -235,10 +235,7 @@ class SelfPacedGRPO(L.LightningModule):
 
         # 3. Group-relative advantages, weighted over aspects by the curriculum's current weights.
         weights = {aspect: float(self.reward_weights.get(aspect, 0.0)) for aspect in scores.per_aspect}
-        advantages = aggregate_advantages(
-            scores.per_aspect, weights, self.group_size, mode=self.aggregation, scale=self.advantage_scale, eps=self.advantage_eps
-        )
-        advantages = clip_advantages(advantages, self.advantage_clip)
+        advantages = self.advantages(scores.per_aspect, weights)
         keep = getattr(scores, "keep", None)
         if keep is not None:
             advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
@@ -267,6 +264,7 @@ class SelfPacedGRPO(L.LightningModule):
         self.log("reward", logs["train/reward_weighted"], prog_bar=True, batch_size=len(prompts), logger=False)
         return {
             "loss": stats["loss"],
+            "advantages": advantages.detach(),
             "aspect_rewards": {aspect: value.detach() for aspect, value in scores.per_aspect.items()},
             "group_size": self.group_size,
             "prompts": rollout.prompts,
@@ -286,6 +284,32 @@ class SelfPacedGRPO(L.LightningModule):
         logs.update({f"val/aspect/{aspect}": value.mean() for aspect, value in scores.per_aspect.items()})
         logs["val/reward_weighted"] = sum(self.reward_weights.get(a, 0.0) * v.mean() for a, v in scores.per_aspect.items())
         self.log_dict(logs, batch_size=len(prompts))
+
+    def advantages(self, aspect_rewards: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+        """Group-relative advantages of this rank's samples, with statistics over all ranks.
+
+        Groups never span ranks, but batch-scope statistics must be global: every rank gathers all
+        ranks' rewards, computes the advantages of the whole global batch, and keeps its own slice,
+        so the result equals a single process holding every sample.
+
+        Args:
+            aspect_rewards: aspect -> ``(N,)`` rewards of this rank.
+            weights: aspect -> weight.
+
+        Returns:
+            ``(N,)`` clipped advantages.
+        """
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size > 1:
+            gathered = {aspect: self.all_gather(value).reshape(-1) for aspect, value in aspect_rewards.items()}
+        else:
+            gathered = aspect_rewards
+        advantages = aggregate_advantages(
+            gathered, weights, self.group_size, mode=self.aggregation, scale=self.advantage_scale, eps=self.advantage_eps
+        )
+        if world_size > 1:
+            advantages = advantages.view(world_size, -1)[self.global_rank]
+        return clip_advantages(advantages, self.advantage_clip)
 
     def policy_updates(self, rollout: Rollout, advantages: Tensor) -> dict[str, Tensor]:
         """Run ``num_inner_epochs`` passes of clipped updates over the rollout.
