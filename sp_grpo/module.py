@@ -71,6 +71,7 @@ class SelfPacedGRPO(L.LightningModule):
             A curriculum callback overwrites them.
         val_sampler: Sampler settings of the validation loop (its own steps and video size); ``null``
             uses ``sampler``. Validation samples with the ODE (no sampler noise) from fixed seeds.
+        rollout_inference_mode: Sample rollouts under ``torch.inference_mode`` rather than ``no_grad``.
         seed: Seed of the rollout noise; iteration ``i`` on rank ``r`` uses a generator seeded from
             ``(seed, i, r)``, so a resumed run samples exactly what an uninterrupted one would.
     """
@@ -97,6 +98,7 @@ class SelfPacedGRPO(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         reward_weights: dict[str, float] | None = None,
         val_sampler: SamplerConfig | None = None,
+        rollout_inference_mode: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -155,6 +157,7 @@ class SelfPacedGRPO(L.LightningModule):
         self.weight_decay = weight_decay
         self.lr_warmup_steps = lr_warmup_steps
         self.max_grad_norm = max_grad_norm
+        self.rollout_inference_mode = rollout_inference_mode
         self.seed = seed
         aspects = list(rewards.aspects)
         if reward_weights is None:
@@ -224,6 +227,7 @@ class SelfPacedGRPO(L.LightningModule):
             generator=self.rollout_generator(iteration),
             iteration=iteration,
             device=self.device,
+            inference_mode=self.rollout_inference_mode,
         )
         rollout_seconds = time.perf_counter() - start
 

@@ -7,6 +7,7 @@ policy's :meth:`~sp_grpo.policies.VideoPolicy.velocity` and :func:`~sp_grpo.func
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -171,7 +172,6 @@ def select_steps(config: SamplerConfig, num_samples: int, iteration: int, genera
     return stochastic, train_mask
 
 
-@torch.no_grad()
 def sample_rollout(
     policy: VideoPolicy,
     prompts: Sequence[str],
@@ -182,6 +182,7 @@ def sample_rollout(
     iteration: int = 0,
     device: torch.device | str = "cpu",
     latent_dtype: torch.dtype = torch.float32,
+    inference_mode: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` videos for each of ``prompts`` and record the trajectory.
 
@@ -197,11 +198,41 @@ def sample_rollout(
         iteration: Training iteration, for sliding windows.
         device: Where latents live.
         latent_dtype: Dtype of the stored latents.
+        inference_mode: Sample under ``torch.inference_mode`` (no autograd bookkeeping at all, faster
+            than ``no_grad``); the kept tensors are then copied out of inference mode once, so the
+            training step can use them as inputs. ``False`` samples under ``no_grad``.
 
     Returns:
         The :class:`Rollout`, with ``N = P * G`` samples, prompt-major.
     """
-    device = torch.device(device)
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        rollout = _sample_rollout(policy, prompts, group_size, config, generator, iteration, torch.device(device), latent_dtype)
+    if inference_mode:
+        # Inference tensors cannot be saved for backward; one copy makes them ordinary tensors.
+        uncond = None if rollout.embeds.uncond is None else rollout.embeds.uncond.clone()
+        rollout = dataclasses.replace(
+            rollout,
+            latents=rollout.latents.clone(),
+            log_probs=rollout.log_probs.clone(),
+            sigmas=rollout.sigmas.clone(),
+            stochastic=rollout.stochastic.clone(),
+            train_mask=rollout.train_mask.clone(),
+            embeds=PromptEmbeds(rollout.embeds.cond.clone(), uncond),
+            videos=rollout.videos.clone(),
+        )
+    return rollout
+
+
+def _sample_rollout(
+    policy: VideoPolicy,
+    prompts: Sequence[str],
+    group_size: int,
+    config: SamplerConfig,
+    generator: torch.Generator,
+    iteration: int,
+    device: torch.device,
+    latent_dtype: torch.dtype,
+) -> Rollout:
     num_prompts = len(prompts)
     n = num_prompts * group_size
     guidance = config.guidance_scale != 1.0
