@@ -346,7 +346,7 @@ class SelfPacedGRPO(L.LightningModule):
                     else:
                         totals[key].append(value)
                 if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    self._clip_grad_norm(optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
@@ -354,6 +354,16 @@ class SelfPacedGRPO(L.LightningModule):
         stats["first_log_ratio_abs_max"] = first_log_ratio if first_log_ratio is not None else torch.zeros((), device=self.device)
         stats["trained_pairs"] = rollout.train_mask.sum().float()
         return stats
+
+    def _clip_grad_norm(self, optimizer) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning cannot clip by norm under FSDP; the root FSDP module computes the global norm
+            # over all shards (torch.nn.utils.clip_grad_norm_ would see only this rank's shard).
+            self.trainer.strategy.model.clip_grad_norm_(self.max_grad_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     def accumulate_gradients(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
         """Backpropagate the mean loss over ``pairs``, ``micro_batch_size`` pairs at a time.

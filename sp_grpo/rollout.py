@@ -48,6 +48,16 @@ class SamplerConfig:
             and wrapping around (MixGRPO).
         window_start: First step of a fixed window, and where a sliding window starts.
         window_slide_every: Iterations between moves of a sliding window.
+
+    Example:
+        >>> config = SamplerConfig(num_steps=10, train_steps="window", window_size=2, window_placement="fixed", window_start=3)
+        >>> stochastic, train_mask = select_steps(config, num_samples=2, iteration=0, generator=torch.Generator())
+        >>> stochastic.nonzero().flatten().tolist()
+        [3, 4]
+        >>> SamplerConfig(noise_level=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `model.sampler.noise_level` (0.0) must be positive: GRPO needs stochastic steps to have a likelihood; typical values are 0.7 (sde), 0.3 (dance), 0.8 (cps).
     """
 
     num_steps: int = 10
@@ -248,7 +258,7 @@ def _sample_rollout(
     choice_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
     stochastic, train_mask = select_steps(config, n, iteration, choice_gen)
 
-    sigmas = policy.sigmas(config.num_steps)
+    sigmas = policy.sigmas(config.num_steps, latent_shape=shape)
     latents, log_probs, deterministic = _denoise(policy, embeds, noise, sigmas, stochastic, config, generator, latent_dtype)
     # A step the sampler made deterministic (e.g. CPS's last step) has no likelihood to train.
     train_mask[:, deterministic.cpu()] = False
@@ -321,7 +331,7 @@ def sample_ode(
     embeds = policy.encode_prompts(list(prompts), guidance=config.guidance_scale != 1.0)
     shape = policy.latent_shape(config.num_frames, config.height, config.width)
     noise = torch.randn((len(prompts), *shape), generator=generator, device=device, dtype=torch.float32)
-    sigmas = policy.sigmas(config.num_steps)
+    sigmas = policy.sigmas(config.num_steps, latent_shape=shape)
     stochastic = torch.zeros(config.num_steps, dtype=torch.bool)
     latents, _, _ = _denoise(policy, embeds, noise, sigmas, stochastic, config, None, torch.float32)
     return policy.decode(latents[:, -1])

@@ -10,12 +10,11 @@ import torch
 from sp_grpo.cli import cli_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses_and_instantiates(config, tmp_path):
-    cli = cli_main(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+def test_tiny_config_parses_and_instantiates(tmp_path):
+    # Every other YAML in configs/ names real weights; tests/test_configs.py parses those with loading mocked.
+    cli = cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert cli.model is not None and cli.datamodule is not None
 
 

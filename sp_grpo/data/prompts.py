@@ -62,6 +62,13 @@ class ResumablePromptSampler(Sampler[int]):
         num_prompts: Size of the prompt list.
         shuffle: Permute the prompts every epoch.
         seed: Seed of the permutations.
+
+    Example:
+        >>> sampler = ResumablePromptSampler(4, seed=0)
+        >>> order = list(sampler)
+        >>> sampler.skip(2)
+        >>> list(sampler) == order[2:]
+        True
     """
 
     def __init__(self, num_prompts: int, shuffle: bool = True, seed: int = 0) -> None:
@@ -95,7 +102,12 @@ class ResumablePromptSampler(Sampler[int]):
 
 
 def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
-    """Batch of prompts as ``{"prompts": [...]}``, what :class:`~sp_grpo.SelfPacedGRPO` expects."""
+    """Batch of prompts as ``{"prompts": [...]}``, what :class:`~sp_grpo.SelfPacedGRPO` expects.
+
+    Example:
+        >>> collate_prompts(["a red square", "a blue circle"])
+        {'prompts': ['a red square', 'a blue circle']}
+    """
     return {"prompts": list(prompts)}
 
 

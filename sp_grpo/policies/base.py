@@ -58,8 +58,11 @@ class VideoPolicy(Protocol):
         """Shape of one sample's latent (without the batch dimension) for a video of that size."""
         ...
 
-    def sigmas(self, num_steps: int) -> Tensor:
-        """``(num_steps + 1,)`` fp32 noise levels from ~1 down to 0, the scheduler's schedule."""
+    def sigmas(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Tensor:
+        """``(num_steps + 1,)`` fp32 noise levels from ~1 down to 0, the scheduler's schedule.
+
+        ``latent_shape`` (one sample's) is for schedules whose shift depends on the video size (LTX).
+        """
         ...
 
     def velocity(self, latents: Tensor, sigma: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
@@ -108,6 +111,12 @@ def cfg_velocity(
 
     Returns:
         ``(B, ...)`` guided velocity.
+
+    Example:
+        >>> net = lambda x, sigma, text: x + text.sum(dim=(1, 2)).view(-1, 1)
+        >>> embeds = PromptEmbeds(cond=torch.ones(1, 2, 1), uncond=torch.zeros(1, 2, 1))
+        >>> cfg_velocity(net, torch.zeros(1, 3), torch.ones(1), embeds, guidance_scale=3.0, batched=True)
+        tensor([[6., 6., 6.]])
     """
     if guidance_scale == 1.0 or embeds.uncond is None:
         return forward(latents, sigma, embeds.cond)

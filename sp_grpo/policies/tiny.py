@@ -36,6 +36,11 @@ def build_tokenizer(vocabulary: Sequence[str] = DEFAULT_VOCABULARY):
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` that saves and loads with ``save_pretrained`` /
         ``AutoTokenizer.from_pretrained``.
+
+    Example:
+        >>> tokenizer = build_tokenizer(["red", "square"])
+        >>> tokenizer("A red square, moving!").input_ids  # unknown words -> <unk> (2), then </s> (1)
+        [2, 3, 4, 2, 2, 2, 1]
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

@@ -9,19 +9,16 @@ padding), predicts velocities and decodes latents.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from sp_grpo.policies.base import PromptEmbeds, cfg_velocity, omit_frozen_from_state_dict
+from sp_grpo.policies.base import PromptEmbeds
+from sp_grpo.policies.common import DiffusersVideoPolicy, DType, check_diffusers_folder, resolve_dtype
 
-DType = Literal["float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -34,23 +31,6 @@ class WanComponents:
     text_encoder: nn.Module
     tokenizer: Any
     scheduler: Any
-
-
-def _check_diffusers_folder(path: str) -> Path:
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise FileNotFoundError(
-            f"`pretrained_path` ({path!r}) does not exist: point `model.policy.init_args.pretrained_path` at a"
-            " local diffusers folder (one with model_index.json, e.g. a downloaded Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
-        )
-    missing = [p for p in ("model_index.json", "transformer", "text_encoder", "tokenizer") if not (folder / p).exists()]
-    if missing:
-        raise ValueError(
-            f"`pretrained_path` ({path!r}) is not a diffusers Wan folder: it lacks {', '.join(missing)}. Point"
-            " `model.policy.init_args.pretrained_path` at the folder that holds model_index.json and the"
-            " transformer/, vae/ (optional), text_encoder/, tokenizer/ and scheduler/ subfolders."
-        )
-    return folder
 
 
 def load_wan_components(path: str, torch_dtype: torch.dtype = torch.float32, shift: float | None = None) -> WanComponents:
@@ -67,7 +47,9 @@ def load_wan_components(path: str, torch_dtype: torch.dtype = torch.float32, shi
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    folder = _check_diffusers_folder(path)
+    folder = check_diffusers_folder(
+        path, ("model_index.json", "transformer", "text_encoder", "tokenizer"), "Wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    )
     kwargs = {"local_files_only": True}
     transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype, **kwargs)
     vae = None
@@ -85,7 +67,7 @@ def load_wan_components(path: str, torch_dtype: torch.dtype = torch.float32, shi
     return WanComponents(transformer, vae, text_encoder, tokenizer, scheduler)
 
 
-class WanPolicy(nn.Module):
+class WanPolicy(DiffusersVideoPolicy):
     """A diffusers Wan text-to-video model behind the :class:`~sp_grpo.policies.VideoPolicy` protocol.
 
     ``state_dict()`` holds only the trainable weights (LoRA, or the transformer under full
@@ -133,74 +115,36 @@ class WanPolicy(nn.Module):
         cfg_batched: bool = True,
         decode_chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        if torch_dtype not in _DTYPES:
-            raise ValueError(f"`torch_dtype` ({torch_dtype!r}) must be one of {sorted(_DTYPES)}.")
-        if lora_rank is not None and lora_rank < 1:
-            raise ValueError(f"`lora_rank` ({lora_rank}) must be at least 1, or null to train the whole transformer.")
         if max_sequence_length < 1:
             raise ValueError(f"`max_sequence_length` ({max_sequence_length}) must be at least 1.")
-        if decode_chunk_size is not None and decode_chunk_size < 1:
-            raise ValueError(f"`decode_chunk_size` ({decode_chunk_size}) must be at least 1, or null for no chunking.")
         if components is None:
             if pretrained_path is None:
                 raise ValueError(
                     "WanPolicy needs weights: set `pretrained_path` to a local diffusers Wan folder, or pass"
                     " `components` (see sp_grpo.policies.tiny for an offline tiny model)."
                 )
-            components = load_wan_components(pretrained_path, _DTYPES[torch_dtype], shift)
+            components = load_wan_components(pretrained_path, resolve_dtype(torch_dtype), shift)
         elif shift is not None:
             components.scheduler = type(components.scheduler).from_config(components.scheduler.config, shift=shift)
-
-        dtype = _DTYPES[torch_dtype]
-        # Only cast what is not already in the dtype: from_pretrained(torch_dtype=...) keeps the few
-        # modules Wan needs in fp32, and a blanket .to() would undo that.
-        self.transformer = components.transformer if components.transformer.dtype == dtype else components.transformer.to(dtype)
-        self.vae = components.vae
-        self.text_encoder = components.text_encoder if components.text_encoder.dtype == dtype else components.text_encoder.to(dtype)
+        dtype = resolve_dtype(torch_dtype)
+        text_encoder = components.text_encoder
+        super().__init__(
+            components.transformer,
+            {"vae": components.vae, "text_encoder": text_encoder if text_encoder.dtype == dtype else text_encoder.to(dtype)},
+            torch_dtype=torch_dtype,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            lora_seed=lora_seed,
+            reference_copy=reference_copy,
+            gradient_checkpointing=gradient_checkpointing,
+            cfg_batched=cfg_batched,
+            decode_chunk_size=decode_chunk_size,
+        )
         self.tokenizer = components.tokenizer
         self.scheduler = components.scheduler
         self.negative_prompt = negative_prompt
         self.max_sequence_length = max_sequence_length
-        self.cfg_batched = cfg_batched
-        self.decode_chunk_size = decode_chunk_size
-        self.lora_rank = lora_rank
-
-        for module in (self.vae, self.text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-                module.eval()
-        self.reference_transformer: nn.Module | None = None
-        if lora_rank is None:
-            self.transformer.requires_grad_(True)
-            if reference_copy:
-                import copy
-
-                self.reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-        else:
-            from peft import LoraConfig
-
-            self.transformer.requires_grad_(False)
-            config = LoraConfig(
-                r=lora_rank,
-                lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
-                target_modules=list(lora_target_modules),
-                init_lora_weights=True,
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(lora_seed)
-                self.transformer.add_adapter(config)
-            # peft creates adapters in the base layer's dtype; keep the trained weights in fp32 so that
-            # small updates are not rounded away in bf16.
-            for name, param in self.transformer.named_parameters():
-                is_lora = "lora_" in name
-                param.requires_grad_(is_lora)
-                if is_lora:
-                    param.data = param.data.float()
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        omit_frozen_from_state_dict(self)
-
         if self.vae is None:  # pixel space: "latents" are RGB frames in [-1, 1]
             self._vae_t, self._vae_s, self._z_dim = 1, 1, 3
             mean, std = [0.0] * 3, [1.0] * 3
@@ -212,21 +156,6 @@ class WanPolicy(nn.Module):
         shape = (1, self._z_dim, 1, 1, 1)
         self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32).view(shape), persistent=False)
         self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32).view(shape), persistent=False)
-
-    # -- nn.Module ------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> WanPolicy:
-        """Only the transformer follows train/eval; the frozen encoders stay in eval (no dropout)."""
-        super().train(mode)
-        if self.vae is not None:
-            self.vae.eval()
-        self.text_encoder.eval()
-        if self.reference_transformer is not None:
-            self.reference_transformer.eval()
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The LoRA weights, or every transformer weight under full fine-tuning."""
-        return [p for p in self.transformer.parameters() if p.requires_grad]
 
     # -- text -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -282,20 +211,17 @@ class WanPolicy(nn.Module):
         frames = (num_frames - 1) // self._vae_t + 1
         return (self._z_dim, frames, height // self._vae_s, width // self._vae_s)
 
-    def sigmas(self, num_steps: int) -> Tensor:
-        """The scheduler's ``(num_steps + 1,)`` shifted sigma schedule, ending at 0, in fp32 on CPU."""
+    def sigmas(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Tensor:
+        """The scheduler's ``(num_steps + 1,)`` shifted sigma schedule, ending at 0, in fp32 on CPU.
+
+        Wan's shift does not depend on the video size, so ``latent_shape`` is ignored.
+        """
         self.scheduler.set_timesteps(num_steps, device="cpu")
         return self.scheduler.sigmas.to(torch.float32).clone()
 
     # -- network --------------------------------------------------------------------------------
-    def velocity(self, latents: Tensor, sigma: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
-        """Guided velocity ``(B, *latent_shape)``; see :func:`~sp_grpo.policies.base.cfg_velocity`."""
-        return cfg_velocity(self._forward, latents, sigma, embeds, guidance_scale, self.cfg_batched)
-
     def _forward(self, latents: Tensor, sigma: Tensor, text: Tensor) -> Tensor:
-        network = self.transformer
-        if self._use_reference and self.reference_transformer is not None:
-            network = self.reference_transformer
+        network = self._network()
         timestep = sigma.to(torch.float32) * self.scheduler.config.num_train_timesteps
         out = network(
             hidden_states=latents.to(network.dtype),
@@ -305,52 +231,12 @@ class WanPolicy(nn.Module):
         )[0]
         return out.to(latents.dtype)
 
-    _use_reference = False
-
-    @property
-    def has_reference(self) -> bool:
-        """True with LoRA (adapter disabled) or with ``reference_copy`` under full fine-tuning."""
-        return self.lora_rank is not None or self.reference_transformer is not None
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Within this context :meth:`velocity` is the frozen reference model.
-
-        Raises:
-            RuntimeError: full fine-tuning without ``reference_copy``: there is no reference.
-        """
-        if not self.has_reference:
-            raise RuntimeError(
-                "No reference model: full fine-tuning keeps none unless `reference_copy` is true. Set"
-                " `model.policy.init_args.reference_copy: true`, use LoRA, or set `model.kl_coef: 0`."
-            )
-        self._use_reference = True
-        if self.lora_rank is not None:
-            self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self._use_reference = False
-            if self.lora_rank is not None:
-                self.transformer.enable_adapters()
-
     # -- pixels ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Decode latents to ``(B, T, 3, H, W)`` videos in ``[0, 1]``, ``decode_chunk_size`` at a time."""
-        chunk = self.decode_chunk_size or latents.shape[0]
-        videos = []
-        for part in latents.split(chunk):
-            # The VAE runs in fp32: its normalisation statistics and decoder are unstable in half precision.
-            z = part.to(torch.float32) * self.latents_std + self.latents_mean
-            video = z if self.vae is None else self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-            videos.append(((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4))
-        return torch.cat(videos)
+    def _decode_chunk(self, latents: Tensor) -> Tensor:
+        # The VAE runs in fp32: its normalisation statistics and decoder are unstable in half precision.
+        z = latents.to(torch.float32) * self.latents_std + self.latents_mean
+        video = z if self.vae is None else self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return self._to_unit_video(video)
 
 
-def num_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (trainable) parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-__all__ = ["WanComponents", "WanPolicy", "load_wan_components", "num_parameters", "DEFAULT_LORA_TARGETS"]
+__all__ = ["WanComponents", "WanPolicy", "load_wan_components", "DEFAULT_LORA_TARGETS"]
