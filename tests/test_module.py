@@ -155,3 +155,16 @@ def test_kl_needs_a_reference_model():
 def test_policy_must_be_a_video_policy():
     with pytest.raises(TypeError, match="VideoPolicy"):
         SelfPacedGRPO(torch.nn.Linear(2, 2), RewardSet({"sharp": Sharpness()}))
+
+
+def test_validation_is_deterministic_ode_sampling_with_its_own_sampler():
+    val_sampler = SamplerConfig(num_steps=2, num_frames=5, height=32, width=32, guidance_scale=2.0)
+    module = make_module(val_sampler=val_sampler)
+    data = PromptDataModule(prompts=PROMPTS, val_prompts=PROMPTS[:2], batch_size=2)
+    calls = []
+    module.policy.transformer.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    first = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert calls == [4, 4]  # val_sampler's 2 steps, 2 prompts with batched guidance: its own steps
+    second = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert first == second and "val/reward_weighted" in first and "val/aspect/semantic" in first

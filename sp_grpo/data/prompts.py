@@ -181,5 +181,7 @@ class PromptDataModule(L.LightningDataModule):
             drop_last=True,  # every step sees `batch_size` prompts; the remainder rotates with the shuffle
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(PromptDataset(self.val_prompts or []), batch_size=self.batch_size, shuffle=False, collate_fn=collate_prompts)
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_prompts:
+            return []  # no validation loop
+        return DataLoader(PromptDataset(self.val_prompts), batch_size=self.batch_size, shuffle=False, collate_fn=collate_prompts)
