@@ -32,7 +32,6 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=32)
     args = parser.parse_args()
 
-    from diffusers import WanPipeline
     from diffusers.utils import logging as diffusers_logging
 
     from sp_grpo.policies import WanPolicy, tiny_wan_components
@@ -45,13 +44,7 @@ def main() -> None:
         0, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim, ffn_dim=4 * args.heads * args.head_dim
     )
     policy = WanPolicy(components=components, lora_rank=None, max_sequence_length=16).to(device)
-    pipe = WanPipeline(
-        tokenizer=components.tokenizer,
-        text_encoder=components.text_encoder,
-        vae=components.vae,
-        scheduler=components.scheduler,
-        transformer=components.transformer,
-    ).to(device)
+    pipe = components.pipeline().to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red square moving left", "a blue circle moving right", "a green ball moving up", "a yellow box"][: args.prompts]
     config = SamplerConfig(num_steps=args.steps, guidance_scale=4.5, num_frames=args.frames, height=args.size, width=args.size)

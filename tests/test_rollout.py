@@ -73,17 +73,9 @@ def test_cps_last_step_is_deterministic_and_untrained(policy):
 
 def test_ode_sampling_matches_wan_pipeline():
     """Independent reference: diffusers' WanPipeline with the Euler scheduler on the same weights."""
-    from diffusers import WanPipeline
-
     policy = TinyWanPolicy(seed=0)
     components = tiny_wan_components(0)
-    pipe = WanPipeline(
-        tokenizer=components.tokenizer,
-        text_encoder=components.text_encoder,
-        vae=components.vae,
-        scheduler=components.scheduler,
-        transformer=components.transformer,
-    )
+    pipe = components.pipeline()
     config = SamplerConfig(**SMALL, guidance_scale=3.0)
     ours = sample_ode(policy, ["a red square moving left"], config, generator=torch.Generator().manual_seed(0))
     noise = torch.randn((1, *policy.latent_shape(5, 32, 32)), generator=torch.Generator().manual_seed(0))

@@ -177,16 +177,7 @@ def save_wan_folder(components: WanComponents, path: str | Path) -> Path:
     Returns:
         The folder.
     """
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline(
-        tokenizer=components.tokenizer,
-        text_encoder=components.text_encoder,
-        vae=components.vae,
-        scheduler=components.scheduler,
-        transformer=components.transformer,
-    )
-    pipe.save_pretrained(str(path), safe_serialization=True)
+    components.pipeline().save_pretrained(str(path), safe_serialization=True)
     return Path(path)
 
 

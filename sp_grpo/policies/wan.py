@@ -32,6 +32,18 @@ class WanComponents:
     tokenizer: Any
     scheduler: Any
 
+    def pipeline(self):
+        """diffusers' ``WanPipeline`` over these same modules (shared, not copied)."""
+        from diffusers import WanPipeline
+
+        return WanPipeline(
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            vae=self.vae,
+            scheduler=self.scheduler,
+            transformer=self.transformer,
+        )
+
 
 def load_wan_components(path: str, torch_dtype: torch.dtype = torch.float32, shift: float | None = None) -> WanComponents:
     """Load a diffusers Wan folder from a local path; nothing is downloaded.

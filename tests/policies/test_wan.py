@@ -29,17 +29,9 @@ def test_tiny_is_deterministic_in_its_seed():
 
 def test_prompt_encoding_matches_wan_pipeline():
     """Independent reference: diffusers' own WanPipeline.encode_prompt on the same components."""
-    from diffusers import WanPipeline
-
     components = tiny_wan_components(0)
     policy = WanPolicy(components=components, lora_rank=None, max_sequence_length=16, negative_prompt="blurry low quality")
-    pipe = WanPipeline(
-        tokenizer=components.tokenizer,
-        text_encoder=components.text_encoder,
-        vae=components.vae,
-        scheduler=components.scheduler,
-        transformer=components.transformer,
-    )
+    pipe = components.pipeline()
     prompts = ["a red square moving left", "a  blue circle"]
     cond, uncond = pipe.encode_prompt(
         prompts, negative_prompt=["blurry low quality"] * 2, do_classifier_free_guidance=True, max_sequence_length=16, device=torch.device("cpu")
