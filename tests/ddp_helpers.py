@@ -16,6 +16,7 @@ class RecordRanks(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append({
+            "prompts": list(batch["prompts"]),
             "advantages": outputs["advantages"].cpu(),
             "aspect_rewards": {k: v.cpu() for k, v in outputs["aspect_rewards"].items()},
             "weights_used": self._weights,

@@ -57,6 +57,7 @@ def ranks(tmp_path_factory):
 
 def test_ranks_see_different_prompts_and_share_global_advantages(ranks):
     for step0, step1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        assert not set(step0["prompts"]) & set(step1["prompts"])  # groups never span ranks
         assert step0["weights_used"] == step1["weights_used"]
         assert not torch.equal(step0["aspect_rewards"]["fidelity"], step1["aspect_rewards"]["fidelity"])
         # Independent reference: one process holding both ranks' samples, rank-major.

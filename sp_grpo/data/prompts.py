@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 # PromptDataModule resumes mid-epoch exactly (see ResumablePromptSampler) through Lightning's restored
@@ -51,17 +52,26 @@ class PromptDataset(Dataset):
         return self.prompts[index]
 
 
-class ResumablePromptSampler(Sampler[int]):
-    """Prompt order that is a pure function of ``(seed, epoch)`` and can start mid-epoch.
+class ResumablePromptSampler(DistributedSampler):
+    """Prompt order that is a pure function of ``(seed, epoch)``, split over ranks, able to start mid-epoch.
 
     Lightning calls :meth:`set_epoch` before every epoch; a run resumed from a mid-epoch checkpoint
-    calls :meth:`skip` once, so it serves exactly the prompts an uninterrupted run would have
-    served next. (A plain shuffled sampler restarts the epoch from its first batch on resume.)
+    calls :meth:`skip` once, so it serves exactly the prompts an uninterrupted run would have served
+    next (a plain shuffled sampler restarts the epoch from its first batch). Each rank takes every
+    ``world_size``-th index of the epoch's order, so ranks see disjoint prompts; it is a
+    ``DistributedSampler``, so Lightning does not wrap it again.
+
+    With ``weights`` (a function returning one non-negative weight per prompt, read once per epoch)
+    an epoch is ``num_prompts`` draws with replacement in proportion to the weights, which is how
+    difficulty-aware sampling spends more rollouts on prompts that still teach.
 
     Args:
         num_prompts: Size of the prompt list.
         shuffle: Permute the prompts every epoch.
         seed: Seed of the permutations.
+        rank: This process's rank.
+        world_size: Number of processes.
+        weights: Optional per-prompt sampling weights.
 
     Example:
         >>> sampler = ResumablePromptSampler(4, seed=0)
@@ -71,34 +81,41 @@ class ResumablePromptSampler(Sampler[int]):
         True
     """
 
-    def __init__(self, num_prompts: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_prompts: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: Callable[[], Tensor] | None = None,
+    ) -> None:
+        super().__init__(range(num_prompts), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.num_prompts = num_prompts
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
+        self.weights = weights
         self._skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch``."""
-        self.epoch = epoch
-
     def skip(self, num_samples: int) -> None:
-        """Leave out the first ``num_samples`` indices of the next iteration only."""
+        """Leave out the first ``num_samples`` indices of this rank's next iteration only."""
         self._skip = num_samples
 
     def order(self, epoch: int) -> list[int]:
-        """The full index order of ``epoch``."""
+        """The full index order of ``epoch``, before the split over ranks."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.weights is not None:
+            weights = self.weights().double()
+            return torch.multinomial(weights, self.num_prompts, replacement=True, generator=generator).tolist()
         if not self.shuffle:
             return list(range(self.num_prompts))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_prompts, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
         start, self._skip = self._skip, 0
-        return iter(self.order(self.epoch)[start:])
+        mine = self.order(self.epoch)[self.rank :: self.num_replicas][: len(self)]
+        return iter(mine[start:])
 
     def __len__(self) -> int:
-        return self.num_prompts
+        return self.num_prompts // self.num_replicas
 
 
 def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
@@ -126,6 +143,10 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: Unique prompts per training step (``P``).
         shuffle: Shuffle the training prompts every epoch.
         seed: Seed of the shuffling.
+        difficulty_sampling: Draw training prompts in proportion to the curriculum's prompt weights
+            (``SelfPacedCurriculum.prompt_difficulty``): prompts whose groups all score the same,
+            mastered or hopeless, are drawn less. A run resumed mid-epoch then redraws the rest of
+            that epoch from the weights at resume time.
     """
 
     def __init__(
@@ -137,6 +158,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 2,
         shuffle: bool = True,
         seed: int = 0,
+        difficulty_sampling: bool = False,
     ) -> None:
         super().__init__()
         if (prompts is None) == (prompt_file is None):
@@ -159,10 +181,19 @@ class PromptDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.difficulty_sampling = difficulty_sampling
 
     def train_dataloader(self) -> DataLoader:
-        sampler = ResumablePromptSampler(len(self.train_prompts), self.shuffle, self.seed)
         trainer = getattr(self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if len(self.train_prompts) // world_size < self.batch_size:
+            raise ValueError(
+                f"{len(self.train_prompts)} training prompts over {world_size} processes leave fewer than `data.batch_size`"
+                f" ({self.batch_size}) per process: add prompts or lower `data.batch_size`."
+            )
+        sampler = ResumablePromptSampler(
+            len(self.train_prompts), self.shuffle, self.seed, rank, world_size, self._difficulty_weights(trainer)
+        )
         if trainer is not None:
             # Resuming mid-epoch: Lightning has restored its loop counters before asking for data;
             # skip the batches of this epoch that the checkpointed run already trained on.
@@ -170,7 +201,7 @@ class PromptDataModule(L.LightningDataModule):
             # `processed` counts the batches whose training step finished, whether the checkpoint was
             # written at the end of a batch (before `completed` moves) or on an exception after it.
             done = loop.epoch_loop.batch_progress.current.processed
-            if done and done < len(self.train_prompts) // self.batch_size:
+            if done and done < len(sampler) // self.batch_size:
                 sampler.set_epoch(loop.epoch_progress.current.processed)
                 sampler.skip(done * self.batch_size)
         return DataLoader(
@@ -180,6 +211,18 @@ class PromptDataModule(L.LightningDataModule):
             collate_fn=collate_prompts,
             drop_last=True,  # every step sees `batch_size` prompts; the remainder rotates with the shuffle
         )
+
+    def _difficulty_weights(self, trainer) -> Callable[[], Tensor] | None:
+        if not self.difficulty_sampling:
+            return None
+        callbacks = trainer.callbacks if trainer is not None else []
+        trackers = [cb.prompt_difficulty for cb in callbacks if getattr(cb, "prompt_difficulty", None) is not None]
+        if not trackers:
+            raise ValueError(
+                "`data.difficulty_sampling` needs the prompt statistics of a curriculum callback: add"
+                " sp_grpo.callbacks.SelfPacedCurriculum (with `track_prompts: true`) to `trainer.callbacks`."
+            )
+        return lambda: trackers[0].weights_for(self.train_prompts)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_prompts:

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from sp_grpo.data import PromptDataModule, read_prompt_file
 
@@ -60,3 +61,42 @@ def test_sampler_order_depends_on_seed_and_epoch_and_can_skip():
     assert list(sampler) == second[4:]
     assert list(sampler) == second  # the skip applies once
     assert list(ResumablePromptSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_sampler_splits_ranks_disjointly():
+    from sp_grpo.data.prompts import ResumablePromptSampler
+
+    ranks = [list(ResumablePromptSampler(10, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == list(range(10))
+
+
+def test_weighted_sampler_follows_the_weights():
+    from sp_grpo.data.prompts import ResumablePromptSampler
+
+    weights = torch.tensor([1.0, 0.0, 3.0, 0.0])
+    sampler = ResumablePromptSampler(4, seed=0, weights=lambda: weights)
+    counts = torch.zeros(4)
+    for epoch in range(500):
+        sampler.set_epoch(epoch)
+        for i in sampler:
+            counts[i] += 1
+    assert counts[1] == counts[3] == 0
+    assert abs(counts[2] / counts[0] - 3.0) < 0.3
+
+
+def test_difficulty_sampling_uses_the_curriculum_tracker():
+    import lightning as L
+
+    from sp_grpo.callbacks import SelfPacedCurriculum
+
+    prompts = ["a", "b", "c", "d"]
+    curriculum = SelfPacedCurriculum()
+    dm = PromptDataModule(prompts=prompts, batch_size=2, difficulty_sampling=True)
+    dm.trainer = L.Trainer(callbacks=[curriculum], logger=False, enable_checkpointing=False)
+    loader = dm.train_dataloader()
+    assert loader.sampler.weights is not None
+    torch.testing.assert_close(loader.sampler.weights(), curriculum.prompt_difficulty.weights_for(prompts))
+    dm.trainer = L.Trainer(logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="difficulty_sampling` needs .* curriculum callback.*SelfPacedCurriculum"):
+        dm.train_dataloader()
