@@ -196,6 +196,17 @@ class SelfPacedGRPO(L.LightningModule):
         generator.manual_seed(_mix_seed(self.seed, iteration, rank))
         return generator
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Every FSDP unit here mixes frozen (VAE, text encoder, base weights under LoRA) and trainable
+            # parameters, which FSDP only flattens together when it keeps the original parameters.
+            self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
+            # FSDP gathers and shards state dicts per unit and expects every parameter in them; sharded
+            # checkpoints keep the frozen weights, split over the ranks.
+            self.policy.omit_frozen_in_state_dict = False
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and isinstance(getattr(datamodule, "batch_size", None), int):
@@ -358,12 +369,20 @@ class SelfPacedGRPO(L.LightningModule):
     def _clip_grad_norm(self, optimizer) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            # Lightning cannot clip by norm under FSDP; the root FSDP module computes the global norm
-            # over all shards (torch.nn.utils.clip_grad_norm_ would see only this rank's shard).
-            self.trainer.strategy.model.clip_grad_norm_(self.max_grad_norm)
-        else:
+        if not isinstance(self.trainer.strategy, FSDPStrategy):
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            return
+        # Lightning cannot clip by norm under FSDP, and FSDP's own clip_grad_norm_ refuses to run inside
+        # the forward pass, which is where a manual-optimization step happens. Each rank holds a shard
+        # of the gradients: the global norm is the square root of the all-reduced sum of squares.
+        grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
+        local = torch.zeros((), device=self.device, dtype=torch.float32)
+        for grad in grads:
+            local = local + grad.float().pow(2).sum()
+        total = self.trainer.strategy.reduce(local, reduce_op="sum").sqrt()
+        scale = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
 
     def accumulate_gradients(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
         """Backpropagate the mean loss over ``pairs``, ``micro_batch_size`` pairs at a time.

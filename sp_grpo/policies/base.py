@@ -136,12 +136,16 @@ def omit_frozen_from_state_dict(module: nn.Module) -> None:
     folder; saving them would make every checkpoint as large as the model. With this, a Lightning
     checkpoint (and Lightning's ``EMAWeightAveraging``, which averages a copy of the module) holds
     only what training changes, and loading it with ``strict=True`` still checks every trainable key.
+    Setting ``module.omit_frozen_in_state_dict = False`` turns the omission off (FSDP's own state-dict
+    hooks expect every parameter of a unit).
     """
 
     def frozen_names() -> set[str]:
         return {name for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad}
 
     def drop_frozen(mod: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        if not getattr(module, "omit_frozen_in_state_dict", True):
+            return
         for name in frozen_names():
             state_dict.pop(prefix + name, None)
 
