@@ -54,6 +54,23 @@ def build_tokenizer(vocabulary: Sequence[str] = DEFAULT_VOCABULARY):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def tiny_text_encoder(vocab_size: int, text_dim: int = 32):
+    """A 2-layer UMT5 encoder of width ``text_dim`` with random weights (uses the global RNG)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=text_dim,
+        d_kv=8,
+        d_ff=2 * text_dim,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+    )
+    return UMT5EncoderModel(config)
+
+
 def tiny_wan_components(
     seed: int = 0,
     *,
@@ -83,7 +100,6 @@ def tiny_wan_components(
         shift: Flow shift of the sigma schedule.
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = build_tokenizer(vocabulary)
     devices = []  # fork_rng needs no CUDA devices here: everything is built on the CPU.
@@ -112,18 +128,7 @@ def tiny_wan_components(
             latents_mean=[0.0] * latent_channels,
             latents_std=[1.0] * latent_channels,
         )
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=text_dim,
-                d_kv=8,
-                d_ff=2 * text_dim,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-            )
-        )
+        text_encoder = tiny_text_encoder(len(tokenizer), text_dim)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     return WanComponents(transformer, vae, text_encoder, tokenizer, scheduler)
 
@@ -181,4 +186,4 @@ def save_wan_folder(components: WanComponents, path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["DEFAULT_VOCABULARY", "TinyWanPolicy", "build_tokenizer", "save_wan_folder", "tiny_wan_components"]
+__all__ = ["DEFAULT_VOCABULARY", "TinyWanPolicy", "build_tokenizer", "save_wan_folder", "tiny_text_encoder", "tiny_wan_components"]

@@ -24,7 +24,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 
-from sp_grpo.policies.tiny import build_tokenizer
+from sp_grpo.policies.tiny import build_tokenizer, tiny_text_encoder
 from sp_grpo.policies.wan import DEFAULT_LORA_TARGETS, DType, WanComponents, WanPolicy
 from sp_grpo.toy.world import CELL, GRID, NUM_FRAMES, VOCABULARY
 
@@ -135,7 +135,6 @@ def shapes_wan_components(
         Components with ``vae=None`` (pixel space) and the world's word-level tokenizer.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = build_tokenizer(VOCABULARY)
     with torch.random.fork_rng(devices=[]):
@@ -147,18 +146,7 @@ def shapes_wan_components(
             ffn_dim=ffn_dim,
             num_layers=num_layers,
         )
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=text_dim,
-                d_kv=8,
-                d_ff=2 * text_dim,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-            )
-        )
+        text_encoder = tiny_text_encoder(len(tokenizer), text_dim)
     return WanComponents(transformer, None, text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(shift=shift))
 
 
