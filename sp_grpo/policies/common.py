@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -284,6 +285,15 @@ class DiffusersVideoPolicy(nn.Module):
         return ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4)
 
 
+def build_pipeline(pipeline_cls, components):
+    """A diffusers pipeline over the modules of a components dataclass (shared, not copied).
+
+    The dataclass's field names are the pipeline's constructor arguments (``WanComponents`` for
+    ``WanPipeline``, ``HunyuanVideoComponents`` for ``HunyuanVideoPipeline``, ...).
+    """
+    return pipeline_cls(**{field.name: getattr(components, field.name) for field in dataclasses.fields(components)})
+
+
 def flow_sigmas(scheduler, sigmas: Sequence[float], mu: float | None = None) -> Tensor:
     """The scheduler's shifted schedule for the given unshifted ``sigmas``, with a final 0, fp32 on CPU.
 
@@ -302,6 +312,7 @@ def flow_sigmas(scheduler, sigmas: Sequence[float], mu: float | None = None) -> 
 __all__ = [
     "DType",
     "DiffusersVideoPolicy",
+    "build_pipeline",
     "check_diffusers_folder",
     "flow_sigmas",
     "pack_text",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sp_grpo.policies.base import PromptEmbeds
-from sp_grpo.policies.common import DiffusersVideoPolicy, DType, check_diffusers_folder, flow_sigmas, pack_text, resolve_dtype, unpack_text
+from sp_grpo.policies.common import DiffusersVideoPolicy, DType, build_pipeline, check_diffusers_folder, flow_sigmas, pack_text, resolve_dtype, unpack_text
 
 # HunyuanVideoPipeline's default Llama prompt template, and how many of its tokens precede the prompt.
 DEFAULT_PROMPT_TEMPLATE = (
@@ -347,16 +347,7 @@ def save_hunyuan_folder(components: HunyuanVideoComponents, path: str | Path) ->
     """Write components as a diffusers ``HunyuanVideoPipeline`` folder that :class:`HunyuanVideoPolicy` loads."""
     from diffusers import HunyuanVideoPipeline
 
-    pipe = HunyuanVideoPipeline(
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        transformer=components.transformer,
-        vae=components.vae,
-        scheduler=components.scheduler,
-        text_encoder_2=components.text_encoder_2,
-        tokenizer_2=components.tokenizer_2,
-    )
-    pipe.save_pretrained(str(path), safe_serialization=True)
+    build_pipeline(HunyuanVideoPipeline, components).save_pretrained(str(path), safe_serialization=True)
     return Path(path)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sp_grpo.policies.base import PromptEmbeds
-from sp_grpo.policies.common import DiffusersVideoPolicy, DType, check_diffusers_folder, flow_sigmas, pack_text, resolve_dtype, unpack_text
+from sp_grpo.policies.common import DiffusersVideoPolicy, DType, build_pipeline, check_diffusers_folder, flow_sigmas, pack_text, resolve_dtype, unpack_text
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -365,14 +365,7 @@ def save_ltx_folder(components: LTXVideoComponents, path: str | Path) -> Path:
     """Write components as a diffusers ``LTXPipeline`` folder that :class:`LTXVideoPolicy` loads."""
     from diffusers import LTXPipeline
 
-    pipe = LTXPipeline(
-        scheduler=components.scheduler,
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        transformer=components.transformer,
-    )
-    pipe.save_pretrained(str(path), safe_serialization=True)
+    build_pipeline(LTXPipeline, components).save_pretrained(str(path), safe_serialization=True)
     return Path(path)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sp_grpo.policies.base import PromptEmbeds
-from sp_grpo.policies.common import DiffusersVideoPolicy, DType, check_diffusers_folder, resolve_dtype
+from sp_grpo.policies.common import DiffusersVideoPolicy, DType, build_pipeline, check_diffusers_folder, resolve_dtype
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -36,13 +36,7 @@ class WanComponents:
         """diffusers' ``WanPipeline`` over these same modules (shared, not copied)."""
         from diffusers import WanPipeline
 
-        return WanPipeline(
-            tokenizer=self.tokenizer,
-            text_encoder=self.text_encoder,
-            vae=self.vae,
-            scheduler=self.scheduler,
-            transformer=self.transformer,
-        )
+        return build_pipeline(WanPipeline, self)
 
 
 def load_wan_components(path: str, torch_dtype: torch.dtype = torch.float32, shift: float | None = None) -> WanComponents:

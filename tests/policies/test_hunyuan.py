@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sp_grpo.policies.base import PromptEmbeds, VideoPolicy
-from sp_grpo.policies.common import pack_text, unpack_text
+from sp_grpo.policies.common import build_pipeline, pack_text, unpack_text
 from sp_grpo.policies.hunyuan import (
     TINY_CROP_START,
     TINY_PROMPT_TEMPLATE,
@@ -22,15 +22,7 @@ def make_policy(seed=0, components=None, **kwargs):
 def make_pipeline(components):
     from diffusers import HunyuanVideoPipeline
 
-    pipe = HunyuanVideoPipeline(
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        transformer=components.transformer,
-        vae=components.vae,
-        scheduler=components.scheduler,
-        text_encoder_2=components.text_encoder_2,
-        tokenizer_2=components.tokenizer_2,
-    )
+    pipe = build_pipeline(HunyuanVideoPipeline, components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

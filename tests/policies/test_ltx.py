@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sp_grpo.policies.base import VideoPolicy
-from sp_grpo.policies.common import unpack_text
+from sp_grpo.policies.common import build_pipeline, unpack_text
 from sp_grpo.policies.ltx import (
     LTXVideoPolicy,
     pack_latents,
@@ -25,13 +25,7 @@ def make_policy(seed=0, components=None, **kwargs):
 def make_pipeline(components):
     from diffusers import LTXPipeline
 
-    pipe = LTXPipeline(
-        scheduler=components.scheduler,
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        transformer=components.transformer,
-    )
+    pipe = build_pipeline(LTXPipeline, components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
