@@ -200,12 +200,58 @@ class SelfPacedGRPO(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            # Every FSDP unit here mixes frozen (VAE, text encoder, base weights under LoRA) and trainable
-            # parameters, which FSDP only flattens together when it keeps the original parameters.
+            # Every FSDP unit here mixes frozen (base weights under LoRA) and trainable parameters,
+            # which FSDP only flattens together when it keeps the original parameters.
             self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
-            # FSDP gathers and shards state dicts per unit and expects every parameter in them; sharded
-            # checkpoints keep the frozen weights, split over the ranks.
-            self.policy.omit_frozen_in_state_dict = False
+
+    def configure_model(self) -> None:
+        """Under ``FSDPStrategy``, shard the policy's large networks, each as its own FSDP root.
+
+        Lightning would otherwise wrap this whole module in one FSDP root; ``training_step`` (which
+        runs inside that root's forward) steps the optimizer after each backward pass, which FSDP
+        does not allow. Here each network's forward and backward complete on their own: see
+        :meth:`~sp_grpo.policies.common.DiffusersVideoPolicy.shard`. The strategy's
+        ``auto_wrap_policy``, ``sharding_strategy``, precision and CPU offload apply to each root.
+        """
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDPStrategy) or FullyShardedDataParallel.fsdp_modules(self):
+            return
+        shard = getattr(self.policy, "shard", None)
+        if shard is None:
+            raise TypeError(
+                f"`trainer.strategy` is FSDP, but {type(self.policy).__name__} has no `shard(wrap, device)` method to"
+                " say which of its networks to shard. Add one (see DiffusersVideoPolicy.shard) or use `strategy: ddp`."
+            )
+        settings = dict(
+            cpu_offload=strategy.cpu_offload,
+            mixed_precision=strategy.mixed_precision_config,
+            sharding_strategy=strategy.sharding_strategy,
+            device_id=self.device,
+            **strategy.kwargs,
+        )
+        shard(lambda network: FullyShardedDataParallel(network, **settings), self.device)
+        for child in self.children():
+            if child is not self.policy:
+                child.to(self.device)
+        # Applied above; left in place, Lightning would warn that it ignores it.
+        strategy.kwargs.pop("auto_wrap_policy", None)
+        roots = self._trainable_fsdp_roots()
+        loose = {id(p) for p in self.policy.trainable_parameters()} - {id(p) for root in roots for p in root.parameters()}
+        if len(roots) != 1 or loose:
+            raise ValueError(
+                f"Under FSDP every trainable weight must sit in one sharded network (found {len(roots)} sharded networks"
+                f" with trainable weights and {len(loose)} trainable tensors outside them): {type(self.policy).__name__}"
+                ".shard must wrap the network that `trainable_parameters()` comes from."
+            )
+
+    def _trainable_fsdp_roots(self) -> list[torch.nn.Module]:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        roots = FullyShardedDataParallel.fsdp_modules(self, root_only=True)
+        return [root for root in roots if any(p.requires_grad for p in root.parameters())]
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -372,17 +418,10 @@ class SelfPacedGRPO(L.LightningModule):
         if not isinstance(self.trainer.strategy, FSDPStrategy):
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             return
-        # Lightning cannot clip by norm under FSDP, and FSDP's own clip_grad_norm_ refuses to run inside
-        # the forward pass, which is where a manual-optimization step happens. Each rank holds a shard
-        # of the gradients: the global norm is the square root of the all-reduced sum of squares.
-        grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        local = torch.zeros((), device=self.device, dtype=torch.float32)
-        for grad in grads:
-            local = local + grad.float().pow(2).sum()
-        total = self.trainer.strategy.reduce(local, reduce_op="sum").sqrt()
-        scale = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(scale.to(grad.dtype))
+        # Lightning does not clip by norm under FSDP; the sharded network's own clip_grad_norm_ takes the
+        # norm over every rank's shard (configure_model checked that it holds every trainable weight).
+        (root,) = self._trainable_fsdp_roots()
+        root.clip_grad_norm_(self.max_grad_norm)
 
     def accumulate_gradients(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
         """Backpropagate the mean loss over ``pairs``, ``micro_batch_size`` pairs at a time.
@@ -430,16 +469,19 @@ class SelfPacedGRPO(L.LightningModule):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
         embeds = rollout.embeds.index(sample)
         guidance = self.sampler.guidance_scale
-        velocity = self.policy.velocity(x, sigma, embeds, guidance)
-        step_out = sde_step(velocity, x, sigma, sigma_next, kind=self.sampler.sde_kind, noise_level=self.sampler.noise_level, prev_sample=x_next)
+        sde_args = dict(kind=self.sampler.sde_kind, noise_level=self.sampler.noise_level, prev_sample=x_next)
+        ref = None
+        if self.kl_coef > 0:
+            # Before the policy's forward: under FSDP a no-grad forward of the same network between a
+            # forward and its backward would replace the tensors that the backward's recomputation uses.
+            with torch.no_grad(), self.policy.reference():
+                ref = sde_step(self.policy.velocity(x, sigma, embeds, guidance), x, sigma, sigma_next, **sde_args)
+        step_out = sde_step(self.policy.velocity(x, sigma, embeds, guidance), x, sigma, sigma_next, **sde_args)
         log_ratio = step_out.log_prob - rollout.log_probs[sample, step]
         surrogate = clipped_surrogate(log_ratio, advantages[sample], self.clip_range)
         loss = surrogate.loss
         kl_ref = torch.zeros((), device=self.device)
-        if self.kl_coef > 0:
-            with torch.no_grad(), self.policy.reference():
-                ref_velocity = self.policy.velocity(x, sigma, embeds, guidance)
-            ref = sde_step(ref_velocity, x, sigma, sigma_next, kind=self.sampler.sde_kind, noise_level=self.sampler.noise_level, prev_sample=x_next)
+        if ref is not None:
             kl_ref = gaussian_kl(step_out.prev_mean, ref.prev_mean, step_out.std).mean()
             loss = loss + self.kl_coef * kl_ref
         return {

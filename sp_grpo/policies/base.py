@@ -129,6 +129,13 @@ def cfg_velocity(
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name as it appears in a state dict: without FSDP's and checkpointing's wrapper levels."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
 def omit_frozen_from_state_dict(module: nn.Module) -> None:
     """Leave frozen parameters out of ``module.state_dict()`` and do not require them when loading.
 
@@ -136,12 +143,14 @@ def omit_frozen_from_state_dict(module: nn.Module) -> None:
     folder; saving them would make every checkpoint as large as the model. With this, a Lightning
     checkpoint (and Lightning's ``EMAWeightAveraging``, which averages a copy of the module) holds
     only what training changes, and loading it with ``strict=True`` still checks every trainable key.
-    Setting ``module.omit_frozen_in_state_dict = False`` turns the omission off (FSDP's own state-dict
-    hooks expect every parameter of a unit).
+    Setting ``module.omit_frozen_in_state_dict = False`` turns the omission off. Under FSDP the hook
+    runs after FSDP's own state-dict hooks, on the full or sharded tensors they produce.
     """
 
     def frozen_names() -> set[str]:
-        return {name for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad}
+        return {
+            _unwrapped_name(name) for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad
+        }
 
     def drop_frozen(mod: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
         if not getattr(module, "omit_frozen_in_state_dict", True):

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -219,6 +219,31 @@ class DiffusersVideoPolicy(nn.Module):
         """The LoRA weights, or every transformer weight under full fine-tuning."""
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def shard(self, wrap: Callable[[nn.Module], nn.Module], device: torch.device) -> None:
+        """Prepare for fully sharded data parallel training (what ``FSDPStrategy`` calls, once).
+
+        The transformer, the text encoders and the reference copy are each replaced by
+        ``wrap(network)``: its own FSDP root, whose forward and backward passes complete before
+        the optimizer steps. The other parts (VAE, tokenizers) stay whole on every rank and move
+        to ``device``; the wrapped ones are moved as they are sharded, one unit at a time, so a
+        rank never holds the whole transformer.
+
+        Args:
+            wrap: Turns a network into an FSDP unit (:class:`~sp_grpo.SelfPacedGRPO` passes the
+                strategy's sharding, precision and auto-wrap settings).
+            device: This rank's device.
+        """
+        sharded = ["transformer", "reference_transformer"]
+        sharded += [name for name in self._frozen_names if name.startswith("text_encoder")]
+        for name, child in self.named_children():
+            if name not in sharded:
+                child.to(device)
+        for name in sharded:
+            if getattr(self, name, None) is not None:
+                setattr(self, name, wrap(getattr(self, name)))
+        if getattr(self.transformer, "is_gradient_checkpointing", False):
+            _checkpoint_inside_units(self.transformer)
+
     # -- network --------------------------------------------------------------------------------
     def velocity(self, latents: Tensor, sigma: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
         """Guided velocity ``(B, *latent_shape)``; see :func:`~sp_grpo.policies.base.cfg_velocity`."""
@@ -253,15 +278,22 @@ class DiffusersVideoPolicy(nn.Module):
                 "No reference model: full fine-tuning keeps none unless `reference_copy` is true. Set"
                 " `model.policy.init_args.reference_copy: true`, use LoRA, or set `model.kl_coef: 0`."
             )
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # The adapters are switched off by their flag alone. peft's disable_adapters()/enable_adapters()
+        # also flip the adapters' requires_grad, which under FSDP (use_orig_params) corrupts the gradients
+        # of the next backward pass (measured: tests/test_fsdp.py against DDP).
+        layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)] if self.lora_rank is not None else []
+        states = [layer._disable_adapters for layer in layers]
         self._use_reference = True
-        if self.lora_rank is not None:
-            self.transformer.disable_adapters()
+        for layer in layers:
+            layer._disable_adapters = True
         try:
             yield
         finally:
             self._use_reference = False
-            if self.lora_rank is not None:
-                self.transformer.enable_adapters()
+            for layer, state in zip(layers, states):
+                layer._disable_adapters = state
 
     # -- pixels ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -283,6 +315,24 @@ class DiffusersVideoPolicy(nn.Module):
         .. math:: v = \\operatorname{clip}((x + 1) / 2, 0, 1)
         """
         return ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4)
+
+
+def _checkpoint_inside_units(root: nn.Module) -> None:
+    """Move a diffusers model's gradient checkpointing inside its FSDP units.
+
+    diffusers checkpoints each block from the outside; with the blocks as FSDP units the recomputed
+    forward then gathers weights again and saves different tensors, which checkpointing rejects.
+    Wrapping each unit's block (inside the unit) recomputes the same blocks, the pattern FSDP supports.
+    Without nested units (no ``auto_wrap_policy``) the blocks are plain modules and diffusers' own
+    checkpointing stays.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    blocks = {id(unit.module) for unit in FullyShardedDataParallel.fsdp_modules(root) if unit is not root}
+    if blocks:
+        root.disable_gradient_checkpointing()
+        apply_activation_checkpointing(root, check_fn=lambda module: id(module) in blocks)
 
 
 def build_pipeline(pipeline_cls, components):

@@ -142,6 +142,7 @@ class TinyWanPolicy(WanPolicy):
         lora_alpha: LoRA scaling numerator; defaults to the rank.
         lora_target_modules: Linear layers that get LoRA adapters.
         num_layers: Transformer blocks.
+        reference_copy: With full fine-tuning, keep a frozen copy of the transformer as the KL reference.
         gradient_checkpointing: Recompute transformer blocks in the backward pass.
         max_sequence_length: Text tokens per prompt.
         cfg_batched: Run both halves of classifier-free guidance as one batch.
@@ -156,6 +157,7 @@ class TinyWanPolicy(WanPolicy):
         lora_alpha: float | None = None,
         lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
         num_layers: int = 2,
+        reference_copy: bool = False,
         gradient_checkpointing: bool = False,
         max_sequence_length: int = 16,
         cfg_batched: bool = True,
@@ -169,6 +171,7 @@ class TinyWanPolicy(WanPolicy):
             lora_alpha=lora_alpha,
             lora_target_modules=lora_target_modules,
             lora_seed=seed,
+            reference_copy=reference_copy,
             gradient_checkpointing=gradient_checkpointing,
             max_sequence_length=max_sequence_length,
             cfg_batched=cfg_batched,
