@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from sp_grpo.functional.advantages import AdvantageScale, AggregationMode, aggregate_advantages, clip_advantages
@@ -232,7 +233,19 @@ class SelfPacedGRPO(L.LightningModule):
             device_id=self.device,
             **strategy.kwargs,
         )
-        shard(lambda network: FullyShardedDataParallel(network, **settings), self.device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shard(lambda network: FullyShardedDataParallel(network, **settings), self.device)
+        mixed = [w for w in caught if "has both parameters with requires_grad=True and False" in str(w.message)]
+        for w in caught:
+            if w not in mixed:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if mixed:
+            # FSDP warns once per unit with every parameter name; under LoRA that is every block.
+            rank_zero_warn(
+                f"{len(mixed)} FSDP units mix frozen and trained weights (LoRA): FSDP keeps a gradient buffer the size"
+                " of each whole unit (sharded over the ranks), not only of the adapters."
+            )
         for child in self.children():
             if child is not self.policy:
                 child.to(self.device)
