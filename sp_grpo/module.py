@@ -201,11 +201,9 @@ class SelfPacedGRPO(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            # Every FSDP unit here mixes frozen (base weights under LoRA) and trainable parameters,
-            # which FSDP only flattens together when it keeps the original parameters.
-            self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
+            self._shard_for_fsdp(self.trainer.strategy)
 
-    def configure_model(self) -> None:
+    def _shard_for_fsdp(self, strategy) -> None:
         """Under ``FSDPStrategy``, shard the policy's large networks, each as its own FSDP root.
 
         Lightning would otherwise wrap this whole module in one FSDP root; ``training_step`` (which
@@ -213,12 +211,20 @@ class SelfPacedGRPO(L.LightningModule):
         does not allow. Here each network's forward and backward complete on their own: see
         :meth:`~sp_grpo.policies.common.DiffusersVideoPolicy.shard`. The strategy's
         ``auto_wrap_policy``, ``sharding_strategy``, precision and CPU offload apply to each root.
+        Lightning then finds the module already wrapped and leaves it as it is. (This runs in
+        ``setup`` rather than ``configure_model``: Lightning's ``WeightAveraging`` warns about any
+        module that overrides ``configure_model``, under DDP too.)
         """
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.callbacks import WeightAveraging
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, FSDPStrategy) or FullyShardedDataParallel.fsdp_modules(self):
+        if any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks):
+            raise ValueError(
+                "`trainer.callbacks` has a WeightAveraging callback (e.g. EMAWeightAveraging), which keeps an unsharded"
+                " copy of the module and cannot average sharded weights: remove it, or use `strategy: ddp`."
+            )
+        if self._fsdp_root is not None:
+            rank_zero_warn("The policy was sharded by an earlier fit; this strategy's FSDP settings are not applied to it.")
             return
         shard = getattr(self.policy, "shard", None)
         if shard is None:
@@ -226,6 +232,14 @@ class SelfPacedGRPO(L.LightningModule):
                 f"`trainer.strategy` is FSDP, but {type(self.policy).__name__} has no `shard(wrap, device)` method to"
                 " say which of its networks to shard. Add one (see DiffusersVideoPolicy.shard) or use `strategy: ddp`."
             )
+        if getattr(strategy, "_state_dict_type", None) == "full":
+            rank_zero_warn(
+                "FSDP with `state_dict_type: full` gathers every weight, frozen ones included, in rank 0's CPU memory"
+                " at each checkpoint (the frozen ones are dropped only afterwards); for large models use `sharded`."
+            )
+        # Frozen (base weights under LoRA) and trainable parameters share units, which FSDP only
+        # flattens together when it keeps the original parameters.
+        strategy.kwargs.setdefault("use_orig_params", True)
         settings = dict(
             cpu_offload=strategy.cpu_offload,
             mixed_precision=strategy.mixed_precision_config,
@@ -235,7 +249,17 @@ class SelfPacedGRPO(L.LightningModule):
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            shard(lambda network: FullyShardedDataParallel(network, **settings), self.device)
+            try:
+                shard(lambda network: FullyShardedDataParallel(network, **settings), self.device)
+            except ValueError as error:
+                if "uniform dtype" not in str(error):
+                    raise
+                raise ValueError(
+                    "FSDP flattens each unit into one tensor of one dtype, but a unit mixes dtypes (bf16 base weights"
+                    " with fp32 LoRA weights, or modules diffusers keeps in fp32). Load the model in fp32 with"
+                    " `model.policy.init_args.torch_dtype: float32`; `trainer.precision: bf16-mixed` still computes"
+                    " in bf16."
+                ) from error
         mixed = [w for w in caught if "has both parameters with requires_grad=True and False" in str(w.message)]
         for w in caught:
             if w not in mixed:
@@ -251,7 +275,8 @@ class SelfPacedGRPO(L.LightningModule):
                 child.to(self.device)
         # Applied above; left in place, Lightning would warn that it ignores it.
         strategy.kwargs.pop("auto_wrap_policy", None)
-        roots = self._trainable_fsdp_roots()
+        roots = FullyShardedDataParallel.fsdp_modules(self, root_only=True)
+        roots = [root for root in roots if any(p.requires_grad for p in root.parameters())]
         loose = {id(p) for p in self.policy.trainable_parameters()} - {id(p) for root in roots for p in root.parameters()}
         if len(roots) != 1 or loose:
             raise ValueError(
@@ -259,12 +284,10 @@ class SelfPacedGRPO(L.LightningModule):
                 f" with trainable weights and {len(loose)} trainable tensors outside them): {type(self.policy).__name__}"
                 ".shard must wrap the network that `trainable_parameters()` comes from."
             )
+        # Kept out of the module tree (a plain attribute would register it a second time).
+        self.__dict__["_fsdp_root"] = roots[0]
 
-    def _trainable_fsdp_roots(self) -> list[torch.nn.Module]:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        roots = FullyShardedDataParallel.fsdp_modules(self, root_only=True)
-        return [root for root in roots if any(p.requires_grad for p in root.parameters())]
+    _fsdp_root: nn.Module | None = None
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -313,7 +336,11 @@ class SelfPacedGRPO(L.LightningModule):
         keep = getattr(scores, "keep", None)
         if keep is not None:
             advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
-            rollout.train_mask &= keep.unsqueeze(1)
+            # With several processes every rank must run the same number of forward and backward
+            # passes (each is a collective under DDP and FSDP), so dropped groups stay in the update
+            # with zero advantage there; a single process skips them.
+            if (self.trainer.world_size if self._trainer is not None else 1) == 1:
+                rollout.train_mask &= keep.unsqueeze(1)
 
         # 4. K inner epochs of clipped policy-gradient updates over the trained (sample, step) pairs.
         start = time.perf_counter()
@@ -432,9 +459,8 @@ class SelfPacedGRPO(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             return
         # Lightning does not clip by norm under FSDP; the sharded network's own clip_grad_norm_ takes the
-        # norm over every rank's shard (configure_model checked that it holds every trainable weight).
-        (root,) = self._trainable_fsdp_roots()
-        root.clip_grad_norm_(self.max_grad_norm)
+        # norm over every rank's shard (_shard_for_fsdp checked that it holds every trainable weight).
+        self._fsdp_root.clip_grad_norm_(self.max_grad_norm)
 
     def accumulate_gradients(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
         """Backpropagate the mean loss over ``pairs``, ``micro_batch_size`` pairs at a time.

@@ -89,13 +89,43 @@ def test_fsdp_trains_the_same_weights_as_ddp(tmp_path, lora):
         assert all(ddp[name].abs().sum() > 0 for name in ddp if "lora_B" in name)  # every adapter moved off zero
 
 
-def test_fsdp_resumes_exactly_from_a_sharded_checkpoint(tmp_path):
-    straight = fit(tmp_path / "straight", fsdp("sharded"), lora=True, max_steps=3)["trainable"]
-    fit(tmp_path / "resumed", fsdp("sharded"), lora=True, max_steps=2)
-    assert (tmp_path / "resumed/checkpoints/last.ckpt").is_dir()  # a torch.distributed.checkpoint folder
-    record = fit(tmp_path / "resumed", fsdp("sharded"), lora=True, max_steps=3, resume=True)
+@pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
+def test_fsdp_resumes_exactly(tmp_path, state_dict_type):
+    straight = fit(tmp_path / "straight", fsdp(state_dict_type), lora=True, max_steps=3)["trainable"]
+    fit(tmp_path / "resumed", fsdp(state_dict_type), lora=True, max_steps=2)
+    # sharded: a torch.distributed.checkpoint folder; full: one file gathered on rank 0
+    assert (tmp_path / "resumed/checkpoints/last.ckpt").is_dir() == (state_dict_type == "sharded")
+    record = fit(tmp_path / "resumed", fsdp(state_dict_type), lora=True, max_steps=3, resume=True)
     assert len(record["steps"]) == 1  # it went on from step 2, not from scratch
     resumed = record["trainable"]
     assert resumed.keys() == straight.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_shard_wraps_the_large_networks_and_moves_the_rest():
+    from sp_grpo.policies import TinyWanPolicy
+
+    policy = TinyWanPolicy(seed=0, lora_rank=4, gradient_checkpointing=True)
+    wrapped = []
+    policy.shard(lambda network: wrapped.append(network) or network, torch.device("meta"))
+    assert wrapped == [policy.transformer, policy.text_encoder]
+    assert policy.transformer.is_gradient_checkpointing  # no FSDP units inside: diffusers' checkpointing stays
+    tensors = [*policy.named_parameters(), *policy.named_buffers()]
+    rest = [(name, t) for name, t in tensors if not name.startswith(("transformer.", "text_encoder."))]
+    assert any(name == "latents_mean" for name, _ in rest)  # the policy's own buffers, not only its children
+    assert rest and all(t.device.type == "meta" for _, t in rest)
+
+
+def test_fsdp_refuses_weight_averaging():
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from sp_grpo import SelfPacedGRPO
+    from sp_grpo.policies import TinyWanPolicy
+    from sp_grpo.rewards import RewardSet, Sharpness
+
+    module = SelfPacedGRPO(TinyWanPolicy(seed=0), RewardSet({"sharp": Sharpness()}), group_size=2)
+    module.trainer = L.Trainer(callbacks=[EMAWeightAveraging()], logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="WeightAveraging.*strategy: ddp"):
+        module._shard_for_fsdp(module.trainer.strategy)

@@ -238,6 +238,8 @@ class DiffusersVideoPolicy(nn.Module):
         for name, child in self.named_children():
             if name not in sharded:
                 child.to(device)
+        for name, tensor in self.named_buffers(recurse=False):
+            setattr(self, name, tensor.to(device))
         for name in sharded:
             if getattr(self, name, None) is not None:
                 setattr(self, name, wrap(getattr(self, name)))
