@@ -220,13 +220,13 @@ class DiffusersVideoPolicy(nn.Module):
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     def shard(self, wrap: Callable[[nn.Module], nn.Module], device: torch.device) -> None:
-        """Prepare for fully sharded data parallel training (what ``FSDPStrategy`` calls, once).
+        """Prepare for fully sharded data parallel training (``SelfPacedGRPO`` calls it once under FSDP).
 
         The transformer, the text encoders and the reference copy are each replaced by
         ``wrap(network)``: its own FSDP root, whose forward and backward passes complete before
-        the optimizer steps. The other parts (VAE, tokenizers) stay whole on every rank and move
-        to ``device``; the wrapped ones are moved as they are sharded, one unit at a time, so a
-        rank never holds the whole transformer.
+        the optimizer steps. The other parts (VAE, the policy's own buffers) stay whole on every
+        rank and move to ``device``; the wrapped ones are moved as they are sharded, one unit at a
+        time, so a rank never holds the whole transformer.
 
         Args:
             wrap: Turns a network into an FSDP unit (:class:`~sp_grpo.SelfPacedGRPO` passes the
