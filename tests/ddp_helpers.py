@@ -34,31 +34,29 @@ class RecordRanks(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         if isinstance(trainer.strategy, FSDPStrategy):  # gather full weights, whatever the checkpoints' format
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-            with FSDP.state_dict_type(pl_module, StateDictType.FULL_STATE_DICT, config):
+            with full_state_dict_context(pl_module, trainer.world_size):
                 trainable = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         else:
             trainable = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         torch.save({"steps": self.steps, "trainable": trainable}, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
-@contextmanager
-def _full_state_dict_without_offload():
+def full_state_dict_context(module, world_size, rank0_only=True):
+    """Lightning's full-state-dict context for ``module``'s FSDP units, without ``offload_to_cpu``."""
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    def context(module, world_size, rank0_only=True):
-        return FSDP.state_dict_type(
-            module,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
-            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
-        )
+    return FSDP.state_dict_type(
+        module,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+    )
 
-    with mock.patch.object(lightning_fsdp, "_get_full_state_dict_context", context):
+
+@contextmanager
+def _full_state_dict_without_offload():
+    with mock.patch.object(lightning_fsdp, "_get_full_state_dict_context", full_state_dict_context):
         yield
 
 
