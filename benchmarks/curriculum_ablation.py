@@ -114,6 +114,12 @@ def table(results: list[dict]) -> str:
         runs = [r for r in results if r["arm"] == arm]
         if runs:
             lines.append(f"| {arm} (n={len(runs)}) | " + " | ".join(cell([r["after"][m] for r in runs]) for m in GOLD_METRICS) + " |")
+    lines.append("")
+    for arm in ARMS:
+        runs = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
+        if runs:
+            per_seed = ", ".join(f"{r['seed']}: {r['after']['all_correct']:.3f}" for r in runs)
+            lines.append(f"all_correct per seed, {arm}: {per_seed}")
     return "\n".join(lines)
 
 
