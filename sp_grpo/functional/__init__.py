@@ -9,6 +9,7 @@ from sp_grpo.functional.advantages import (
     group_advantages,
 )
 from sp_grpo.functional.losses import SurrogateOutput, clipped_surrogate, gaussian_kl
+from sp_grpo.functional.reward_weighting import group_reward_weights, hoyer_sparsity
 from sp_grpo.functional.sde import SDEKind, SDEStepOutput, sde_step
 from sp_grpo.functional.semantic import colour_affinity, find_colours, linear_head_score, text_video_similarity
 from sp_grpo.functional.video import (
@@ -40,6 +41,8 @@ __all__ = [
     "find_colours",
     "gaussian_kl",
     "group_advantages",
+    "group_reward_weights",
+    "hoyer_sparsity",
     "laplacian_variance",
     "linear_head_score",
     "luma",

@@ -70,7 +70,7 @@ _DENOMINATORS = {
 
 def aggregate_advantages(
     rewards: Mapping[str, Tensor],
-    weights: Mapping[str, float],
+    weights: Mapping[str, float | Tensor],
     group_size: int,
     *,
     mode: AggregationMode = "normalize_then_sum",
@@ -86,9 +86,16 @@ def aggregate_advantages(
     weights, not the rewards' raw scales, decide each aspect's share; summing first lets a reward with
     a larger spread dominate. A reward with weight 0 contributes nothing.
 
+    A weight is one number for the whole batch, or a ``(P,)`` tensor with one weight per prompt's
+    group (:math:`w_{k,g}`, e.g. from
+    :func:`~sp_grpo.functional.reward_weighting.group_reward_weights`); every sample of group
+    :math:`g` then uses :math:`w_{k,g}`. ``sum_then_normalize`` with per-group weights is the
+    paper's v4 aggregation: :math:`\tilde r_i = \sum_k w_{k,g(i)} r_{k,i}`, standardised within the group.
+
     Args:
         rewards: Aspect name to ``(P * G,)`` rewards, all the same length, prompt-major.
-        weights: Aspect name to a non-negative weight; exactly the names of ``rewards``.
+        weights: Aspect name to a non-negative weight, a float or a ``(P,)`` tensor of per-group
+            weights; exactly the names of ``rewards``.
         group_size: ``G``, samples per prompt, at least 2.
         mode: ``"normalize_then_sum"`` or ``"sum_then_normalize"``.
         scale: Passed to :func:`group_advantages`.
@@ -106,6 +113,9 @@ def aggregate_advantages(
         >>> r = {"fidelity": torch.tensor([0.0, 1.0]), "temporal": torch.tensor([5.0, 3.0])}
         >>> aggregate_advantages(r, {"fidelity": 1.0, "temporal": 0.25}, group_size=2, scale="none")
         tensor([-0.2500,  0.2500])
+        >>> per_group = {"fidelity": torch.tensor([1.0]), "temporal": torch.tensor([0.25])}
+        >>> aggregate_advantages(r, per_group, group_size=2, mode="sum_then_normalize", scale="none")
+        tensor([-0.2500,  0.2500])
     """
     if mode not in _AGGREGATORS:
         raise ValueError(
@@ -121,21 +131,36 @@ def aggregate_advantages(
         )
     for name, r in rewards.items():
         _check_rewards(r, group_size, f"rewards[{name!r}]")
-    return _AGGREGATORS[mode](rewards, weights, group_size, scale, eps)
+    num_groups = next(iter(rewards.values())).numel() // group_size
+    per_sample = {name: _per_sample(weights[name], group_size, num_groups, name) for name in rewards}
+    return _AGGREGATORS[mode](rewards, per_sample, group_size, scale, eps)
 
 
+def _per_sample(weight: float | Tensor, group_size: int, num_groups: int, name: str) -> float | Tensor:
+    """A float stays a float; a ``(P,)`` per-group tensor becomes ``(P * G,)`` fp32, one entry per sample."""
+    if not isinstance(weight, Tensor):
+        return float(weight)
+    if tuple(weight.shape) != (num_groups,):
+        raise ValueError(
+            f"the per-group weight of {name!r} has shape {tuple(weight.shape)} but the rewards hold {num_groups} "
+            f"groups of {group_size}: pass one weight per group, shape ({num_groups},), or a single float."
+        )
+    return weight.float().repeat_interleave(group_size)
+
+
+# Each takes the weights per sample: a float, or a (P * G,) fp32 tensor.
 def _normalize_then_sum(
-    rewards: Mapping[str, Tensor], weights: Mapping[str, float], group_size: int, scale: str, eps: float
+    rewards: Mapping[str, Tensor], weights: Mapping[str, float | Tensor], group_size: int, scale: str, eps: float
 ) -> Tensor:
-    terms = [float(weights[k]) * group_advantages(r, group_size, scale, eps) for k, r in rewards.items()]
+    terms = [weights[k] * group_advantages(r, group_size, scale, eps) for k, r in rewards.items()]
     return torch.stack(terms).sum(dim=0)
 
 
 def _sum_then_normalize(
-    rewards: Mapping[str, Tensor], weights: Mapping[str, float], group_size: int, scale: str, eps: float
+    rewards: Mapping[str, Tensor], weights: Mapping[str, float | Tensor], group_size: int, scale: str, eps: float
 ) -> Tensor:
     # fp32 before weighting so a bf16 reward is not rounded again by the sum.
-    total = torch.stack([float(weights[k]) * r.float() for k, r in rewards.items()]).sum(dim=0)
+    total = torch.stack([weights[k] * r.float() for k, r in rewards.items()]).sum(dim=0)
     return group_advantages(total, group_size, scale, eps)
 
 
@@ -206,7 +231,7 @@ def _check_rewards(rewards: Tensor, group_size: int, name: str) -> None:
         )
 
 
-def _check_weights(rewards: Mapping[str, Tensor], weights: Mapping[str, float]) -> None:
+def _check_weights(rewards: Mapping[str, Tensor], weights: Mapping[str, float | Tensor]) -> None:
     if not rewards:
         raise ValueError("`rewards` is empty: pass at least one named reward, e.g. {'fidelity': scores}.")
     missing = sorted(set(rewards) - set(weights))
@@ -221,9 +246,15 @@ def _check_weights(rewards: Mapping[str, Tensor], weights: Mapping[str, float]) 
             f"weights {extra} name no reward: `rewards` has {sorted(rewards)}; "
             "remove those weights or compute those rewards."
         )
-    invalid = {name: float(w) for name, w in weights.items() if not 0 <= float(w) < float("inf")}
+    invalid = {name: w.tolist() if isinstance(w, Tensor) else float(w) for name, w in weights.items() if not _valid_weight(w)}
     if invalid:
         raise ValueError(
             f"weights must be finite and non-negative, got {invalid}; a negative weight would reward the "
             "opposite of the aspect. Use 0 to switch a reward off."
         )
+
+
+def _valid_weight(weight: float | Tensor) -> bool:
+    if isinstance(weight, Tensor):
+        return bool(torch.isfinite(weight).all() and (weight >= 0).all())
+    return 0 <= float(weight) < float("inf")  # also rejects NaN
