@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -172,6 +173,11 @@ class SelfPacedGRPO(L.LightningModule):
         #: Aspect -> weight of its advantage; read at the start of every training step. Curriculum
         #: callbacks write it between batches.
         self.reward_weights: dict[str, float] = dict(reward_weights)
+        #: Per-group weighting, or None: called as ``group_weighting(aspect_rewards, group_size)``
+        #: with this rank's ``(P*G,)`` rewards per aspect, it returns aspect -> ``(P,)`` weights
+        #: that replace :attr:`reward_weights` for the batch. Set by
+        #: :class:`~sp_grpo.callbacks.GroupRewardWeighting`.
+        self.group_weighting: Callable[[dict[str, Tensor], int], dict[str, Tensor]] | None = None
         self.automatic_optimization = False
         # Samplers are stored as plain dicts so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["policy", "rewards", "sampler", "val_sampler"])
@@ -330,8 +336,9 @@ class SelfPacedGRPO(L.LightningModule):
             scores = self.rewards(rollout.videos, rollout.prompts, group_size=self.group_size)
         reward_seconds = time.perf_counter() - start
 
-        # 3. Group-relative advantages, weighted over aspects by the curriculum's current weights.
-        weights = {aspect: float(self.reward_weights.get(aspect, 0.0)) for aspect in scores.per_aspect}
+        # 3. Group-relative advantages, weighted over aspects by the curriculum's current weights
+        #    (one number per aspect, or one per aspect and group under a per-group weighting).
+        weights = self.aspect_weights(scores.per_aspect)
         advantages = self.advantages(scores.per_aspect, weights)
         keep = getattr(scores, "keep", None)
         if keep is not None:
@@ -350,7 +357,9 @@ class SelfPacedGRPO(L.LightningModule):
         # 5. Logs.
         logs = {f"train/reward/{name}": value.mean() for name, value in scores.per_reward.items()}
         logs.update({f"train/aspect/{aspect}": value.mean() for aspect, value in scores.per_aspect.items()})
-        logs["train/reward_weighted"] = sum(weights[a] * scores.per_aspect[a].mean() for a in weights)
+        logs["train/reward_weighted"] = sum(
+            _per_sample(weights[a], self.group_size) * scores.per_aspect[a].float() for a in weights
+        ).mean()
         logs.update(
             {
                 "train/advantage_abs_mean": advantages.abs().mean(),
@@ -386,16 +395,28 @@ class SelfPacedGRPO(L.LightningModule):
         logs["val/reward_weighted"] = sum(self.reward_weights.get(a, 0.0) * v.mean() for a, v in scores.per_aspect.items())
         self.log_dict(logs, batch_size=len(prompts))
 
-    def advantages(self, aspect_rewards: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    def aspect_weights(self, aspect_rewards: dict[str, Tensor]) -> dict[str, float | Tensor]:
+        """The weight of each aspect for this batch.
+
+        :attr:`reward_weights` (one number per aspect), or, when a per-group weighting is set
+        (:attr:`group_weighting`, e.g. by :class:`~sp_grpo.callbacks.GroupRewardWeighting`), one
+        weight per aspect and prompt group computed from the groups' own rewards: ``(P,)`` tensors
+        for this rank's ``P`` groups. Groups never span ranks, so each rank weighs its own.
+        """
+        if self.group_weighting is not None:
+            return dict(self.group_weighting(aspect_rewards, self.group_size))
+        return {aspect: float(self.reward_weights.get(aspect, 0.0)) for aspect in aspect_rewards}
+
+    def advantages(self, aspect_rewards: dict[str, Tensor], weights: dict[str, float | Tensor]) -> Tensor:
         """Group-relative advantages of this rank's samples, with statistics over all ranks.
 
         Groups never span ranks, but batch-scope statistics must be global: every rank gathers all
-        ranks' rewards, computes the advantages of the whole global batch, and keeps its own slice,
-        so the result equals a single process holding every sample.
+        ranks' rewards (and per-group weights), computes the advantages of the whole global batch,
+        and keeps its own slice, so the result equals a single process holding every sample.
 
         Args:
             aspect_rewards: aspect -> ``(N,)`` rewards of this rank.
-            weights: aspect -> weight.
+            weights: aspect -> weight, a float or a ``(N / G,)`` tensor of per-group weights.
 
         Returns:
             ``(N,)`` clipped advantages.
@@ -403,6 +424,7 @@ class SelfPacedGRPO(L.LightningModule):
         world_size = self.trainer.world_size if self._trainer is not None else 1
         if world_size > 1:
             gathered = {aspect: self.all_gather(value).reshape(-1) for aspect, value in aspect_rewards.items()}
+            weights = {a: self.all_gather(w).reshape(-1) if isinstance(w, Tensor) else w for a, w in weights.items()}
         else:
             gathered = aspect_rewards
         advantages = aggregate_advantages(
@@ -531,6 +553,11 @@ class SelfPacedGRPO(L.LightningModule):
             "ratio_mean": surrogate.ratio_mean,
             "kl_ref": kl_ref.detach(),
         }
+
+
+def _per_sample(weight: float | Tensor, group_size: int) -> float | Tensor:
+    """A per-group weight ``(P,)`` repeated for each sample of its group; a float as it is."""
+    return weight.float().repeat_interleave(group_size) if isinstance(weight, Tensor) else weight
 
 
 def _mix_seed(*values: int) -> int:

@@ -168,3 +168,34 @@ def test_validation_is_deterministic_ode_sampling_with_its_own_sampler():
     assert calls == [4, 4]  # val_sampler's 2 steps, 2 prompts with batched guidance: its own steps
     second = trainer.validate(module, datamodule=data, verbose=False)[0]
     assert first == second and "val/reward_weighted" in first and "val/aspect/semantic" in first
+
+
+def test_group_weighting_callback_sets_the_advantages_of_selfpacedgrpo():
+    from sp_grpo.callbacks import GroupRewardWeighting
+    from sp_grpo.functional import aggregate_advantages, clip_advantages, group_reward_weights
+
+    module = make_module(aggregation="sum_then_normalize")
+    seen = []
+
+    class Spy(L.Callback):  # runs after the weighting callback, so records the step's own advantages
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs)
+
+    weighting = GroupRewardWeighting(thresholds={"fidelity": 0.6, "temporal": 0.5, "semantic": 0.4}, slope=5.0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[weighting, Spy()],
+    )
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=2))
+    assert len(seen) == 2
+    for out in seen:
+        rewards = out["aspect_rewards"]
+        stacked = torch.stack([rewards[a] for a in ("fidelity", "temporal", "semantic")])
+        weights = group_reward_weights(stacked, 4, torch.tensor([0.6, 0.5, 0.4]), beta=0.3, slope=5.0)
+        per_group = dict(zip(("fidelity", "temporal", "semantic"), weights))
+        expected = aggregate_advantages(rewards, per_group, 4, mode="sum_then_normalize", scale="group")
+        torch.testing.assert_close(out["advantages"], clip_advantages(expected, 5.0))
+        # Not what the module's equal global weights would give: the weighting was really used.
+        equal = aggregate_advantages(rewards, {a: 1 / 3 for a in rewards}, 4, mode="sum_then_normalize")
+        assert not torch.allclose(out["advantages"], clip_advantages(equal, 5.0), atol=1e-4)
+    assert "train/reward_weighted" in trainer.callback_metrics
