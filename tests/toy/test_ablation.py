@@ -1,7 +1,10 @@
-"""benchmarks/curriculum_ablation.py: one arm runs from a demo-like config, and its table summarises runs correctly."""
+"""benchmarks/curriculum_ablation.py and ablation_report.py: arms run from a demo-like config, and the
+report's statistics (paired differences, intervals, hacking) match hand computations."""
 
 import importlib.util
 import math
+import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,46 +14,115 @@ import yaml
 from sp_grpo.toy.gold import GOLD_METRICS
 
 ROOT = Path(__file__).parents[2]
+BENCHMARKS = ROOT / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def ablation():
-    spec = importlib.util.spec_from_file_location("curriculum_ablation", ROOT / "benchmarks" / "curriculum_ablation.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _run(arm: str, seed: int, all_correct: float) -> dict:
-    before = {m: 0.5 for m in GOLD_METRICS}
-    return {"arm": arm, "seed": seed, "minutes": 1.0, "before": before, "after": {**before, "all_correct": all_correct}}
+@pytest.fixture(scope="module")
+def report():
+    return _load("ablation_report")
 
 
-def test_table_reports_mean_and_sample_std_per_arm_and_per_seed_values(ablation):
+@pytest.fixture(scope="module")
+def ablation():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling ablation_report, as when run
+    try:
+        yield _load("curriculum_ablation")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _run(arm: str, seed: int, all_correct: float, train_gain: float = 0.0, before: float = 0.5) -> dict:
+    start = {m: 0.5 for m in GOLD_METRICS} | {"all_correct": before}
+    train = {"first": {"fidelity": 0.5, "semantic": 0.2}, "last": {"fidelity": 0.5 + train_gain, "semantic": 0.2 + train_gain}}
+    return {"arm": arm, "seed": seed, "before": start, "after": {**start, "all_correct": all_correct}, "train": train}
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines() if line.startswith("| ")}
+
+
+def test_table_reports_mean_std_and_per_seed_values(report):
     runs = [_run("self_paced", 1, 0.4), _run("self_paced", 0, 0.2), _run("static_equal", 0, 0.3)]
-    text = ablation.table(runs)
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    column = 1 + GOLD_METRICS.index("all_correct")
+    text = report.table(runs)
+    rows = _rows(text)
     # Mean 0.3; sample std of (0.2, 0.4) is sqrt(0.02) = 0.141.
-    assert rows["self_paced (n=2)"].split("|")[column + 1].strip() == f"0.300 ± {math.sqrt(0.02):.3f}"
-    assert rows["static_equal (n=1)"].split("|")[column + 1].strip() == "0.300 ± 0.000"
+    assert rows["self_paced (n=2)"][0] == f"0.300 ± {math.sqrt(0.02):.3f}"
+    assert rows["static_equal (n=1)"][0] == "0.300 ± 0.000"
     assert "semantic_only" not in text
     assert "all_correct per seed, self_paced: 0: 0.200, 1: 0.400" in text
 
 
-def test_one_arm_runs_from_a_demo_like_config(ablation, tmp_path):
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["model"]["group_size"] = 2
-    config["data"]["batch_size"] = 2
-    path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(config))
+def test_paired_difference_and_its_interval_match_a_hand_computation(report):
+    base = [0.30, 0.32, 0.28, 0.35]
+    arm = [0.33, 0.30, 0.31, 0.39]
+    runs = [_run("static_equal", s, v) for s, v in enumerate(base)] + [_run("paper_literal", s, v) for s, v in enumerate(arm)]
+    runs.append(_run("paper_literal", 9, 0.9))  # no baseline run with seed 9: not paired, left out
+    diffs = [a - b for a, b in zip(arm, base)]
+    assert report.paired_differences(runs, "paper_literal") == pytest.approx(diffs)
+    mean = sum(diffs) / 4
+    half = 3.182 * statistics.stdev(diffs) / 2  # t(0.975, 3 dof) * s / sqrt(4)
+    assert report.mean_interval(diffs) == pytest.approx((mean, mean - half, mean + half))
+    cell = _rows(report.table(runs))["paper_literal (n=5)"][5]
+    assert cell == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n=4)"
+
+
+def test_t_quantiles(report):
+    assert report.t_quantile_975(1) == 12.706 and report.t_quantile_975(7) == 2.365 and report.t_quantile_975(200) == 1.96
+    with pytest.raises(ValueError, match="at least 2 paired values"):
+        report.t_quantile_975(0)
+
+
+def test_hacking_is_training_reward_up_while_gold_down(report):
+    assert report.is_hacked(_run("semantic_only", 0, 0.1, train_gain=0.05, before=0.3))
+    assert not report.is_hacked(_run("semantic_only", 0, 0.4, train_gain=0.05, before=0.3))  # gold up
+    assert not report.is_hacked(_run("semantic_only", 0, 0.1, train_gain=-0.05, before=0.3))  # reward down
+    runs = [_run("static_equal", 0, 0.3), _run("semantic_only", 0, 0.1, train_gain=0.05), _run("semantic_only", 1, 0.6, train_gain=0.05)]
+    assert _rows(report.table(runs))["semantic_only (n=2)"][-1] == "1"
+
+
+def test_report_writes_curves_and_hacking_figures_per_block(report, tmp_path):
+    runs = []
+    for seed in range(2):
+        for arm, end in (("static_equal", 0.3), ("paper_literal", 0.35)):
+            run = _run(arm, seed, end) | {"start": "weak", "regime": "kl0.1"}
+            run["curve"] = {"0": {"all_correct": 0.2, "cleanliness": 0.9}, "50": {"all_correct": end, "cleanliness": 0.9}}
+            runs.append(run)
+    text = report.report(runs, tmp_path)
+    assert text.startswith("### start weak, kl0.1")
+    for name in ("curves_weak_kl0.1.png", "hacking_weak_kl0.1.png"):
+        assert (tmp_path / name).stat().st_size > 5000
+
+
+def test_set_overrides_a_nested_value_and_rejects_unknown_keys(ablation):
+    config = ablation.load_config(None, ["model.kl_coef=0", "model.sampler.num_steps=4", "data.batch_size=2"])
+    assert config["model"]["kl_coef"] == 0 and config["model"]["sampler"]["num_steps"] == 4 and config["data"]["batch_size"] == 2
+    with pytest.raises(KeyError, match="has no key 'model.kl_coeff'"):
+        ablation.load_config(None, ["model.kl_coeff=0"])
+    with pytest.raises(ValueError, match="must be key=value"):
+        ablation.load_config(None, ["model.kl_coef"])
+
+
+@pytest.mark.parametrize("arm", ["static_equal", "paper_literal"])
+def test_one_arm_runs_from_a_demo_like_config(ablation, arm):
     threads = torch.get_num_threads()  # run_arm sets the process's thread count; keep the suite's
     try:
-        result = ablation.run_arm("static_equal", seed=0, device="cpu", max_steps=1, threads=1, gold_seeds=1, config_path=str(path))
+        result = ablation.run_arm(
+            arm, seed=0, max_steps=2, gold_seeds=1, gold_every=1, val_seeds=1,
+            overrides=["model.group_size=2", "data.batch_size=2"],
+        )
     finally:
         torch.set_num_threads(threads)
-    assert (result["arm"], result["seed"]) == ("static_equal", 0)
-    assert set(result["before"]) == set(result["after"]) == set(GOLD_METRICS)
-    # The same pre-trained checkpoint is evaluated before every run; one step moves it a little at most.
+    assert (result["arm"], result["seed"], result["start"], result["regime"]) == (arm, 0, "shipped", "kl0.1")
+    assert set(result["before"]) == set(result["after"]) == set(result["val_after"]) == set(GOLD_METRICS)
+    assert sorted(result["curve"], key=int) == ["0", "1", "2"]
+    assert result["train"]["iterations"] == 2 and set(result["train"]["first"]) == {"fidelity", "temporal", "semantic"}
+    # The same pre-trained checkpoint is evaluated before every run; two steps move it a little at most.
     assert 0.0 < result["before"]["colour_acc"] <= 1.0
     assert abs(result["after"]["colour_acc"] - result["before"]["colour_acc"]) < 0.5

@@ -1,0 +1,189 @@
+"""Tables and figures of the reward-weighting ablation (``curriculum_ablation.py``) from its JSON lines.
+
+Every run is one JSON line: ``arm``, ``seed``, ``start``, ``regime``, ``before`` / ``after`` (held-out gold
+metrics), ``curve`` (step -> held-out gold, when evaluated during training), ``val_after``
+(validation gold) and ``train`` (each aspect's mean training reward over the first and last
+iterations). Arms are compared on the same seeds: each arm's paired difference from
+``static_equal`` per seed, with a 95 % Student-t interval over seeds.
+
+    python benchmarks/ablation_report.py benchmarks/results/shapes/ablation_weak_kl0.1_cpu.jsonl --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+GOLD_METRICS = ("colour_acc", "shape_acc", "direction_acc", "all_correct", "cleanliness", "flicker")
+ARM_ORDER = ("static_equal", "semantic_only", "paper_literal", "paper_calibrated", "self_paced", "static_equal_sum")
+BASELINE = "static_equal"
+
+# Two-sided 95 % quantiles of Student's t (degrees of freedom 1..30), from the standard table; the
+# normal 1.960 beyond. Written out so the report needs no SciPy.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_quantile_975(dof: int) -> float:
+    """The 97.5 % quantile of Student's t with ``dof`` degrees of freedom (1.960 above 30)."""
+    if dof < 1:
+        raise ValueError(f"a t interval needs at least 2 paired values (dof {dof}).")
+    return _T975[dof - 1] if dof <= len(_T975) else 1.960
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and the 95 % t interval ``(mean, low, high)``; with one value the interval is the value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def arms_in(runs: Iterable[dict]) -> list[str]:
+    present = {r["arm"] for r in runs}
+    return [a for a in ARM_ORDER if a in present] + sorted(present - set(ARM_ORDER))
+
+
+def train_gain(run: dict) -> float:
+    """Change of the mean training reward over the aspects, last iterations minus first ones."""
+    first, last = run["train"]["first"], run["train"]["last"]
+    return statistics.fmean(last[a] - first[a] for a in first)
+
+
+def is_hacked(run: dict) -> bool:
+    """The training reward went up while held-out all-three-correct went down."""
+    return train_gain(run) > 0 and run["after"]["all_correct"] < run["before"]["all_correct"]
+
+
+def paired_differences(runs: Sequence[dict], arm: str, metric: str = "all_correct") -> list[float]:
+    """Per seed, ``arm`` minus ``static_equal`` after training; seeds missing from either arm are left out."""
+    base = {r["seed"]: r["after"][metric] for r in runs if r["arm"] == BASELINE}
+    return [r["after"][metric] - base[r["seed"]] for r in sorted(runs, key=lambda r: r["seed"]) if r["arm"] == arm and r["seed"] in base]
+
+
+def table(runs: Sequence[dict]) -> str:
+    """Markdown: per arm, held-out gold after training (mean ± std over seeds), the paired difference
+    of all-three-correct from ``static_equal`` with its 95 % interval, and the runs that hacked."""
+
+    def cell(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
+
+    header = ["arm", "all_correct", "cleanliness", "colour", "shape", "direction", f"Δ all_correct vs {BASELINE} [95 % CI]", "hacked"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    metrics = ("all_correct", "cleanliness", "colour_acc", "shape_acc", "direction_acc")
+    lines.append("| pretrained (before) | " + " | ".join(cell([r["before"][m] for r in runs]) for m in metrics) + " | | |")
+    for arm in arms_in(runs):
+        arm_runs = [r for r in runs if r["arm"] == arm]
+        diffs = paired_differences(runs, arm)
+        if arm == BASELINE or not diffs:
+            delta = "—"
+        else:
+            mean, low, high = mean_interval(diffs)
+            delta = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={len(diffs)})"
+        hacked = sum(is_hacked(r) for r in arm_runs) if all("train" in r for r in arm_runs) else "—"
+        cells = " | ".join(cell([r["after"][m] for r in arm_runs]) for m in metrics)
+        lines.append(f"| {arm} (n={len(arm_runs)}) | {cells} | {delta} | {hacked} |")
+    lines.append("")
+    for arm in arms_in(runs):
+        arm_runs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+        lines.append(f"all_correct per seed, {arm}: " + ", ".join(f"{r['seed']}: {r['after']['all_correct']:.3f}" for r in arm_runs))
+    return "\n".join(lines)
+
+
+def plot_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Held-out all-three-correct over training steps per arm: mean over seeds and a min-max band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    for arm in arms_in(runs):
+        curves = [{int(s): v["all_correct"] for s, v in r["curve"].items()} for r in runs if r["arm"] == arm and r.get("curve")]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = [[c[s] for c in curves] for s in steps]
+        line = axis.plot(steps, [statistics.fmean(v) for v in values], label=f"{arm} (n={len(curves)})")[0]
+        axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
+    axis.set_xlabel("GRPO iteration")
+    axis.set_ylabel("held-out all-three-correct")
+    axis.set_title(title or "mean over seeds, band: min to max")
+    axis.legend(loc="best", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_hacking(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Each run: change of the training reward (x) against change of held-out all-three-correct (y).
+
+    The lower-right quadrant is reward hacking: the training reward rose while the gold fell.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.axvline(0.0, color="grey", linewidth=0.8)
+    for arm in arms_in(runs):
+        arm_runs = [r for r in runs if r["arm"] == arm and "train" in r]
+        axis.scatter(
+            [train_gain(r) for r in arm_runs],
+            [r["after"]["all_correct"] - r["before"]["all_correct"] for r in arm_runs],
+            label=f"{arm}: {sum(is_hacked(r) for r in arm_runs)} of {len(arm_runs)} hacked",
+            s=18,
+        )
+    axis.set_xlabel("training reward change (mean of aspects, last - first iterations)")
+    axis.set_ylabel("held-out all-three-correct change")
+    axis.set_title(title or "lower right: reward up, gold down (hacking)")
+    axis.legend(loc="best", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def load(paths: Iterable[str | Path]) -> list[dict]:
+    return [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def report(runs: Sequence[dict], out: str | Path | None = None, title: str = "") -> str:
+    """Print-ready tables, one per (start, regime) block; with ``out``, the two figures per block too."""
+    blocks: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        blocks[(run.get("start", "shipped"), run.get("regime", ""))].append(run)
+    parts = []
+    for (start, regime), block in sorted(blocks.items()):
+        name = f"start {start}" + (f", {regime}" if regime else "")
+        parts.append(f"### {name}\n\n{table(block)}")
+        if out is not None:
+            stem = f"{start}_{regime}".strip("_").replace(" ", "").replace("=", "")
+            plot_curves(block, Path(out) / f"curves_{stem}.png", f"{title}{name}: held-out all-three-correct")
+            plot_hacking(block, Path(out) / f"hacking_{stem}.png", f"{title}{name}: training reward vs gold")
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", nargs="+", help="JSON-lines files written by curriculum_ablation.py.")
+    parser.add_argument("--out", default=None, help="Folder for the figures; none written without it.")
+    args = parser.parse_args()
+    print(report(load(args.results), args.out))
+
+
+if __name__ == "__main__":
+    main()
