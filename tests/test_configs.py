@@ -88,3 +88,19 @@ def test_real_configs_are_sized_for_gpus(config):
 def test_the_real_configs_cover_both_backbones_and_both_modes():
     names = {c.name for c in REAL}
     assert {"wan2.1_t2v_1.3b_lora.yaml", "wan2.1_t2v_1.3b_full.yaml", "hunyuanvideo_lora.yaml", "hunyuanvideo_full.yaml"} <= names
+
+
+LAYERS = sorted((ROOT / "configs" / "weighting").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda p: p.name)
+def test_weighting_layer_over_the_demo_trains_with_the_papers_weighting(layer, tmp_path, monkeypatch):
+    from sp_grpo.callbacks import GroupRewardWeighting
+
+    monkeypatch.chdir(tmp_path)
+    short = ["--trainer.max_steps", "2", "--model.group_size", "2", "--data.batch_size", "2", "--trainer.logger", "false"]
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(layer), *short])
+    (weighting,) = [c for c in cli.trainer.callbacks if isinstance(c, GroupRewardWeighting)]
+    assert cli.model.aggregation == "sum_then_normalize"
+    assert cli.trainer.global_step == 2 and weighting.state_dict()["batches"] == 2
+    assert cli.model.group_weighting is not None and cli.model.group_weighting.thresholds == (0.75, 0.75, 0.75)
