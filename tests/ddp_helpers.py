@@ -41,6 +41,22 @@ class RecordRanks(L.Callback):
         torch.save({"steps": self.steps, "trainable": trainable}, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
+class RecordCallbackStates(L.Callback):
+    """After ``on_fit_end`` (in ``teardown``), save each rank's callback states and trainable weights to ``rank<r>.pt``.
+
+    ``teardown`` runs after every callback's ``on_fit_end``, so the file exists only when the run got
+    through fit end on that rank.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def teardown(self, trainer, pl_module, stage):
+        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if cb is not self}
+        trainable = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        torch.save({"callbacks": states, "trainable": trainable}, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
 def full_state_dict_context(module, world_size, rank0_only=True):
     """Lightning's full-state-dict context for ``module``'s FSDP units, without ``offload_to_cpu``."""
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType

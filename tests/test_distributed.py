@@ -1,5 +1,6 @@
 """Two processes on the CPU (gloo): global statistics, identical curriculum weights, synchronized weights."""
 
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,128 @@ def test_trainable_parameters_identical_on_both_ranks(ranks):
     for name in first:
         torch.testing.assert_close(first[name], second[name], atol=1e-6, rtol=1e-5, msg=name)
     assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_B" in k)  # training moved the weights
+
+
+# Every sp_grpo callback in two processes, through on_fit_end, with a logger whose folder (`trainer.log_dir`)
+# is a collective: a callback that reads it, or any other collective, on rank 0 alone hangs or crashes here.
+SHAPES = ["a red square moving up", "a green ring moving left", "a blue plus moving down", "a yellow x moving right"]
+CALLBACKS_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  strategy: ddp
+  devices: 2
+  max_steps: 2
+  val_check_interval: 1
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {out}, name: logs}}
+  callbacks:
+{callbacks}
+    - class_path: tests.ddp_helpers.RecordCallbackStates
+      init_args: {{out_dir: {out}}}
+model:
+  policy:
+    class_path: sp_grpo.toy.ShapesWanPolicy
+  rewards:
+    class_path: sp_grpo.rewards.RewardSet
+    init_args:
+      rewards:
+        fidelity: {{class_path: sp_grpo.toy.ShapesFidelity}}
+        temporal: {{class_path: sp_grpo.toy.ShapesTemporal}}
+        semantic: {{class_path: sp_grpo.toy.ShapesSemantic}}
+  group_size: 2
+  sampler: {{num_steps: 3, num_frames: 4, height: 16, width: 16, guidance_scale: 1.0}}
+  micro_batch_size: 8
+data:
+  prompts: {prompts}
+  val_prompts: {prompts}
+  batch_size: 1
+"""
+CURRICULUM_RUN = """
+    - class_path: sp_grpo.callbacks.SelfPacedCurriculum
+      init_args: {warmup_steps: 1}
+    - class_path: sp_grpo.toy.SampleVideos
+      init_args: {prompts: [a red plus moving up, a blue x moving right], every_n_steps: 1, scale: 1}
+    - class_path: sp_grpo.toy.GoldEvaluation
+      init_args: {prompts: [a red plus moving up, a green ring moving down], seeds: 1}
+"""
+STATIC_RUN = """
+    - class_path: sp_grpo.callbacks.StaticWeights
+      init_args: {weights: {fidelity: 1.0, temporal: 1.0, semantic: 1.0}}
+    - class_path: sp_grpo.callbacks.OverOptimizationGuard
+      init_args: {heldout_metric: val/reward_weighted, patience: 1}
+"""
+
+
+def run_callbacks(workdir: Path, callbacks: str) -> tuple[list[dict], subprocess.CompletedProcess]:
+    config = workdir / "config.yaml"
+    config.write_text(CALLBACKS_CONFIG.format(out=workdir, callbacks=callbacks.strip("\n"), prompts=SHAPES))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "sp_grpo.cli", "fit", "--config", str(config)],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=300)  # a hang fails, too
+    assert result.returncode == 0, result.stderr[-4000:]
+    # Both ranks got past on_fit_end: the recorder writes in teardown, which comes after it.
+    return [torch.load(workdir / f"rank{r}.pt", weights_only=True) for r in (0, 1)], result
+
+
+@pytest.fixture(scope="module")
+def curriculum_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ddp_curriculum")
+    return workdir, *run_callbacks(workdir, CURRICULUM_RUN)
+
+
+@pytest.fixture(scope="module")
+def static_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ddp_static")
+    return workdir, *run_callbacks(workdir, STATIC_RUN)
+
+
+def _only_version(workdir: Path) -> Path:
+    assert [p.name for p in (workdir / "logs").iterdir()] == ["version_0"]  # rank 1 made no folder of its own
+    return workdir / "logs" / "version_0"
+
+
+def test_self_paced_curriculum_plots_once_and_agrees_across_ranks(curriculum_run):
+    workdir, ranks, _ = curriculum_run
+    assert list(workdir.rglob("curriculum.png")) == [_only_version(workdir) / "curriculum.png"]
+    first, second = (r["callbacks"]["SelfPacedCurriculum"] for r in ranks)
+    assert len(first["history"]) == 2 and first["history"] == second["history"]
+
+
+def test_sample_videos_writes_each_step_once(curriculum_run):
+    workdir, ranks, _ = curriculum_run
+    written = sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*.gif"))
+    assert written == [f"logs/version_0/samples/step_00000{s}.gif" for s in (0, 1, 2)]
+
+
+def test_gold_evaluation_reports_once_with_the_same_numbers_on_both_ranks(curriculum_run):
+    workdir, ranks, result = curriculum_run
+    (report,) = workdir.rglob("gold.json")
+    assert report == _only_version(workdir) / "gold.json"
+    first, second = (r["callbacks"]["GoldEvaluation"]["results"] for r in ranks)
+    assert sorted(first) == ["0", "2"] and first == second
+    assert json.loads(report.read_text()) == first
+    assert result.stdout.count("| all_correct |") == 1  # the table is printed by rank 0 only
+
+
+def test_static_weights_runs_through_fit_end_on_both_ranks(static_run):
+    workdir, ranks, _ = static_run
+    assert (_only_version(workdir) / "metrics.csv").exists()
+    assert ranks[0]["callbacks"]["StaticWeights"] == ranks[1]["callbacks"]["StaticWeights"]
+    for name, value in ranks[0]["trainable"].items():
+        torch.testing.assert_close(value, ranks[1]["trainable"][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_over_optimization_guard_keeps_one_state_across_ranks(static_run):
+    workdir, ranks, _ = static_run
+    first, second = (r["callbacks"]["OverOptimizationGuard"] for r in ranks)
+    # Each rank validates its own prompt, so its logged `val/reward_weighted` differs; the guard decides on the mean.
+    assert first["best_step"] is not None
+    for key in ("best_heldout", "train_at_best", "best_step", "diverging", "tripped"):
+        assert first[key] == second[key], key

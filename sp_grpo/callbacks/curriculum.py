@@ -396,12 +396,13 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plot_filename is not None and self._history:
-            self._plot(trainer)
+            # Every rank reads the folder: `trainer.log_dir` is a broadcast, so it must not run on rank 0 alone.
+            folder = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
+            self._plot(Path(folder))
 
     @rank_zero_only
-    def _plot(self, trainer: pl.Trainer) -> None:
-        folder = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
-        plot_curriculum(self._history, self.aspects, Path(folder) / self.plot_filename)
+    def _plot(self, folder: Path) -> None:
+        plot_curriculum(self._history, self.aspects, folder / self.plot_filename)
 
     # -- checkpointing -------------------------------------------------------------------------------
 

@@ -88,8 +88,11 @@ class OverOptimizationGuard(L.Callback):
                 " `train_metric`/`heldout_metric` to logged keys. The guard is idle until then."
             )
             return
-        heldout = self.sign * float(metrics[self.heldout_metric])
-        train = float(metrics[self.train_metric])
+        # Metrics logged without `sync_dist` differ per rank; the mean over ranks keeps the guard's state and
+        # decision identical everywhere (a rank that stops alone would leave the others waiting).
+        both = torch.stack([torch.as_tensor(metrics[m], dtype=torch.float32) for m in (self.heldout_metric, self.train_metric)])
+        both = trainer.strategy.reduce(both.to(pl_module.device), reduce_op="mean").cpu()
+        heldout, train = self.sign * float(both[0]), float(both[1])
         if self.best_heldout is None or heldout > self.best_heldout:
             self.best_heldout, self.train_at_best, self.best_step = heldout, train, trainer.global_step
             self.diverging = 0

@@ -26,6 +26,11 @@ VideoFormat = Literal["gif", "mp4"]
 
 
 def _log_folder(trainer: pl.Trainer) -> Path:
+    """The first logger's folder, or ``default_root_dir`` without a logger.
+
+    Call it on every rank: ``trainer.log_dir`` broadcasts rank 0's answer, and a collective called
+    from rank 0 alone (inside ``rank_zero_only``) waits for ranks that are not coming.
+    """
     folder = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
     return Path(folder)
 
@@ -146,12 +151,11 @@ class SampleVideos(Callback):
             return  # already written at this step (e.g. the last batch and fit end)
         self._last_step = step
         videos = sample_fixed(pl_module, self.prompts, self.seed)
-        if trainer.is_global_zero:
-            self._save(trainer, video_grid(videos, self.scale), step)
+        path = _log_folder(trainer) / self.folder / f"step_{step:06d}.{self.video_format}"
+        self._save(trainer, video_grid(videos, self.scale), step, path)
 
     @rank_zero_only
-    def _save(self, trainer: pl.Trainer, grid: Tensor, step: int) -> None:
-        path = _log_folder(trainer) / self.folder / f"step_{step:06d}.{self.video_format}"
+    def _save(self, trainer: pl.Trainer, grid: Tensor, step: int, path: Path) -> None:
         if self.video_format == "gif":
             write_gif(path, grid, self.fps)
         else:
@@ -234,7 +238,7 @@ class GoldEvaluation(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module)
-        self._report(trainer)
+        self._report(_log_folder(trainer))
 
     def table(self) -> str:
         """The first and last evaluation side by side, as a Markdown table."""
@@ -248,11 +252,10 @@ class GoldEvaluation(Callback):
         return "\n".join(lines)
 
     @rank_zero_only
-    def _report(self, trainer: pl.Trainer) -> None:
+    def _report(self, folder: Path) -> None:
         if self.verbose:
             print("\n" + self.table() + "\n")
         if self.filename is not None:
-            folder = _log_folder(trainer)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / self.filename).write_text(json.dumps({str(k): v for k, v in self.results.items()}, indent=1))
 
