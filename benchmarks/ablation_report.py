@@ -100,14 +100,26 @@ def table(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Held-out all-three-correct over training steps per arm: mean over seeds and a min-max band."""
+def _axis(size: tuple[float, float]):
+    # Figure + Agg canvas directly: no pyplot global state, and no display needed on servers.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.0, 4.2), layout="constrained")
+    figure = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(figure)
-    axis = figure.subplots()
+    return figure, figure.subplots()
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Held-out all-three-correct over training steps per arm: mean over seeds and a min-max band."""
+    figure, axis = _axis((7.0, 4.2))
     for arm in arms_in(runs):
         curves = [{int(s): v["all_correct"] for s, v in r["curve"].items()} for r in runs if r["arm"] == arm and r.get("curve")]
         if not curves:
@@ -120,10 +132,7 @@ def plot_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path
     axis.set_ylabel("held-out all-three-correct")
     axis.set_title(title or "mean over seeds, band: min to max")
     axis.legend(loc="best", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return _save(figure, path)
 
 
 def plot_hacking(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -131,12 +140,7 @@ def plot_hacking(runs: Sequence[dict], path: str | Path, title: str = "") -> Pat
 
     The lower-right quadrant is reward hacking: the training reward rose while the gold fell.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.0, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axis = figure.subplots()
+    figure, axis = _axis((6.0, 4.5))
     axis.axhline(0.0, color="grey", linewidth=0.8)
     axis.axvline(0.0, color="grey", linewidth=0.8)
     for arm in arms_in(runs):
@@ -151,10 +155,7 @@ def plot_hacking(runs: Sequence[dict], path: str | Path, title: str = "") -> Pat
     axis.set_ylabel("held-out all-three-correct change")
     axis.set_title(title or "lower right: reward up, gold down (hacking)")
     axis.legend(loc="best", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return _save(figure, path)
 
 
 def load(paths: Iterable[str | Path]) -> list[dict]:

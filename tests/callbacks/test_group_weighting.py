@@ -3,7 +3,6 @@ import json
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,22 +12,9 @@ from sp_grpo.callbacks import GroupRewardWeighting, GroupWeighting
 from sp_grpo.functional import group_reward_weights, hoyer_sparsity
 
 from .group_weighting_toy import ASPECTS, GroupWeightedToy
+from .test_curriculum import _trainer
 
 G = 4
-
-
-def _trainer(tmp_path, max_steps, callbacks, **kwargs):
-    defaults = {
-        "max_steps": max_steps,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    return pl.Trainer(callbacks=callbacks, **(defaults | kwargs))
 
 
 def _group_means(rewards):
