@@ -30,6 +30,9 @@ from sp_grpo.toy.world import CELL, GRID, NUM_FRAMES, VOCABULARY
 
 #: The shipped pre-trained generator (a diffusers Wan folder without ``vae/``: pixel space).
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
+#: An earlier checkpoint of the same pre-training recipe (seed 0, step 400 of a CPU run), the ablation's
+#: weak start: colour learned, fidelity and temporal rewards clearly below the shipped one's (README).
+WEAK_CHECKPOINT_DIR = Path(__file__).parent / "checkpoint_weak"
 #: Text tokens per prompt: five words and the end-of-sequence token, with room to spare.
 MAX_SEQUENCE_LENGTH = 8
 
@@ -203,6 +206,7 @@ class ShapesWanPolicy(WanPolicy):
 __all__ = [
     "CHECKPOINT_DIR",
     "MAX_SEQUENCE_LENGTH",
+    "WEAK_CHECKPOINT_DIR",
     "ShapesWanPolicy",
     "ShapesWanTransformer",
     "load_shapes_components",

@@ -100,11 +100,12 @@ def test_report_writes_curves_and_hacking_figures_per_block(report, tmp_path):
         assert (tmp_path / name).stat().st_size > 5000
 
 
-def test_set_overrides_a_nested_value_and_rejects_unknown_keys(ablation):
+def test_set_overrides_or_adds_a_nested_value_and_rejects_unknown_sections(ablation):
     config = ablation.load_config(None, ["model.kl_coef=0", "model.sampler.num_steps=4", "data.batch_size=2"])
     assert config["model"]["kl_coef"] == 0 and config["model"]["sampler"]["num_steps"] == 4 and config["data"]["batch_size"] == 2
-    with pytest.raises(KeyError, match="has no key 'model.kl_coeff'"):
-        ablation.load_config(None, ["model.kl_coeff=0"])
+    assert ablation.load_config(None, ["model.sampler.train_steps=window"])["model"]["sampler"]["train_steps"] == "window"
+    with pytest.raises(KeyError, match="has no section 'modle'"):
+        ablation.load_config(None, ["modle.kl_coef=0"])
     with pytest.raises(ValueError, match="must be key=value"):
         ablation.load_config(None, ["model.kl_coef"])
 
@@ -126,3 +127,12 @@ def test_one_arm_runs_from_a_demo_like_config(ablation, arm):
     # The same pre-trained checkpoint is evaluated before every run; two steps move it a little at most.
     assert 0.0 < result["before"]["colour_acc"] <= 1.0
     assert abs(result["after"]["colour_acc"] - result["before"]["colour_acc"]) < 0.5
+
+
+def test_weak_start_is_clearly_weaker_than_the_shipped_checkpoint_on_validation():
+    from sp_grpo.toy import WEAK_CHECKPOINT_DIR
+
+    weak_start = _load("weak_start")
+    shipped, weak = weak_start.score(None, seeds=1), weak_start.score(str(WEAK_CHECKPOINT_DIR), seeds=1)
+    assert weak["fidelity"] < shipped["fidelity"] - 0.05 and weak["temporal"] < shipped["temporal"] - 0.05
+    assert weak["colour_acc"] > 0.8  # colour is already learned: groups have spread to learn from
