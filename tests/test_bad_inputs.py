@@ -6,7 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from sp_grpo.cli import cli_main
+from sp_grpo.checkpoint import CheckpointError
+from sp_grpo.cli import cli_main, main
 from sp_grpo.data import PromptDataModule
 from sp_grpo.module import SelfPacedGRPO
 from sp_grpo.policies import TinyWanPolicy, WanPolicy
@@ -39,6 +40,23 @@ def _prompt_file(tmp_path, content: bytes) -> str:
     return str(path)
 
 
+def _checkpoint(tmp_path, kind: str) -> str:
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "corrupt":
+        path.write_bytes(b"not a checkpoint at all\n")
+    else:
+        torch.save({"global_step": 4, "state_dict": {"w": torch.zeros(64, 64)}}, path)
+        if kind == "truncated":  # what a kill during a plain (non-atomic) write leaves
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:  # foreign: a bare state dict, as torch.save(model.state_dict()) writes
+            torch.save({"weight": torch.zeros(2)}, path)
+    return str(path)
+
+
+def _fit_from(tmp_path, kind: str):
+    return cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--ckpt_path", _checkpoint(tmp_path, kind)])
+
+
 def _module(**kwargs):
     return SelfPacedGRPO(TinyWanPolicy(), RewardSet({"sharp": Sharpness()}), **kwargs)
 
@@ -56,12 +74,16 @@ CASES = {
     "model path not diffusers": (lambda tmp: WanPolicy(str(tmp)), ValueError, "not a diffusers Wan folder"),
     "reward of wrong shape": (lambda tmp: RewardSet({"bad": WrongShape()})(torch.rand(2, 3, 3, 8, 8), ["a", "b"]), RuntimeError, r"WrongShape.score must return shape \(2,\)"),
     "reward returning NaN": (lambda tmp: RewardSet({"nan": ReturnsNaN()})(torch.rand(2, 3, 3, 8, 8), ["a", "b"]), ValueError, "reward 'nan' returned NaN"),
+    "corrupt checkpoint": (lambda tmp: _fit_from(tmp, "corrupt"), CheckpointError, r"corrupt.ckpt' given as `--ckpt_path` cannot be read: it is truncated, corrupt"),
+    "truncated checkpoint": (lambda tmp: _fit_from(tmp, "truncated"), CheckpointError, r"truncated.ckpt' given as `--ckpt_path` cannot be read: it is truncated, corrupt"),
+    "foreign checkpoint": (lambda tmp: _fit_from(tmp, "foreign"), CheckpointError, r"foreign.ckpt' given as `--ckpt_path` is not a Lightning training checkpoint.*\['weight'\]"),
     "bad config value": (lambda tmp: cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.group_size", "1"], run=False), ValueError, r"`group_size` \(1\)"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_has_a_clear_error(case, tmp_path):
+def test_bad_input_has_a_clear_error(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run that failed to fail would write runs/ here, not in the repository
     make, error, match = CASES[case]
     with pytest.raises(error, match=match):
         make(tmp_path)
@@ -84,3 +106,24 @@ def test_corrupt_video_in_score_names_the_file(tmp_path, capsys):
                          "--out", str(tmp_path / "scores.csv")])
     assert status == 1
     assert "a red square-0.mp4" in capsys.readouterr().err
+
+
+def test_failed_resume_names_the_file_and_leaves_the_run_folder_untouched(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+    assert main(tiny) == 0
+    run = tmp_path / "runs"
+    (run / "tiny/checkpoints/on_exception.ckpt").write_bytes((run / "tiny/checkpoints/last.ckpt").read_bytes())  # a crash's
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    attempts = {
+        "truncated": _checkpoint(tmp_path, "truncated"),
+        "another model": str(run / "tiny/checkpoints/last.ckpt"),  # with a LoRA rank the checkpoint was not made with
+    }
+    for kind, path in attempts.items():
+        assert main([*tiny, "--ckpt_path", path, "--model.policy.init_args.lora_rank", "2"]) == 1, kind
+        last_line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert path in last_line and "`--ckpt_path`" in last_line, last_line
+    assert "was written for another model: 32 of another shape" in last_line
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == before  # on_exception.ckpt and the logs included: the failed attempts wrote nothing

@@ -41,3 +41,30 @@ def test_console_script_runs_fit(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("last.ckpt"))
+
+
+def _fit_tiny(*overrides):
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.enable_progress_bar", "false", *overrides])
+
+
+def _training_rows(version: Path) -> list[str]:
+    return [row["step"] for row in csv.DictReader((version / "metrics.csv").open()) if row.get("train/reward_weighted")]
+
+
+def test_resume_only_when_asked_and_say_from_which_file_and_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the config writes to runs/tiny relative to the working directory
+    logs, checkpoints = tmp_path / "runs/tiny/logs", tmp_path / "runs/tiny/checkpoints"
+    _fit_tiny("--trainer.max_steps", "2", "--ckpt_path", "last")  # nothing to continue yet: a fresh start
+    assert "[rank 0] sp-grpo fit: starts fresh at step 0 (`--ckpt_path last` found no checkpoint" in capsys.readouterr().out
+
+    # The same config again, edited, without --ckpt_path: a fresh run, which says what it does not continue.
+    _fit_tiny("--trainer.max_steps", "4")
+    out = capsys.readouterr().out
+    assert f"starts fresh at step 0 (no `--ckpt_path`), NOT from what an earlier run left: {checkpoints / 'last.ckpt'} (step 2)" in out
+    assert _training_rows(logs / "version_1") == ["0", "1", "2", "3"]  # trained from step 0, not from step 2
+    newest = checkpoints / "last-v1.ckpt"  # Lightning keeps the earlier run's last.ckpt
+    assert torch.load(newest, weights_only=True)["global_step"] == 4
+
+    _fit_tiny("--trainer.max_steps", "5", "--ckpt_path", "last")
+    assert f"[rank 0] sp-grpo fit: RESUMES from {newest} at step 4 (`--ckpt_path last`)." in capsys.readouterr().out
+    assert _training_rows(logs / "version_2") == ["4"]

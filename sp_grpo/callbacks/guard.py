@@ -90,7 +90,8 @@ class OverOptimizationGuard(L.Callback):
             return
         # Metrics logged without `sync_dist` differ per rank; the mean over ranks keeps the guard's state and
         # decision identical everywhere (a rank that stops alone would leave the others waiting).
-        both = torch.stack([torch.as_tensor(metrics[m], dtype=torch.float32) for m in (self.heldout_metric, self.train_metric)])
+        names = (self.heldout_metric, self.train_metric)
+        both = torch.stack([torch.as_tensor(metrics[name], dtype=torch.float32) for name in names])
         both = trainer.strategy.reduce(both.to(pl_module.device), reduce_op="mean").cpu()
         heldout, train = self.sign * float(both[0]), float(both[1])
         if self.best_heldout is None or heldout > self.best_heldout:
