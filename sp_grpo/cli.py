@@ -30,15 +30,16 @@ from sp_grpo.checkpoint import CheckpointError, inspect_checkpoint
 def last_checkpoints(trainer: pl.Trainer) -> list[Path]:
     """Existing ``last*.ckpt`` and ``on_exception.ckpt`` files of the trainer's checkpoint callbacks, newest first.
 
-    The same candidates as Lightning's ``ckpt_path="last"``; callbacks without a ``dirpath`` (whose
-    folder is the logger's next version, empty for a new run) are skipped.
+    The same candidates as Lightning's ``ckpt_path="last"``, found the same way; a sharded checkpoint
+    is a folder.
     """
     found: set[Path] = set()
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, OnExceptionCheckpoint):
             found.add(Path(callback.ckpt_path))
-        elif isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
-            found.update(Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"))
+        elif isinstance(callback, ModelCheckpoint):
+            # Lightning's own lookup, which also finds the folder of a callback without `dirpath`.
+            found.update(map(Path, callback._find_last_checkpoints(trainer)))  # noqa: SLF001
     return sorted((p for p in found if p.exists()), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
