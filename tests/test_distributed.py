@@ -205,3 +205,44 @@ def test_over_optimization_guard_keeps_one_state_across_ranks(static_run):
     assert first["best_step"] is not None
     for key in ("best_heldout", "train_at_best", "best_step", "diverging", "tripped"):
         assert first[key] == second[key], key
+
+
+GROUP_WEIGHTING_RUN = """
+    - class_path: sp_grpo.callbacks.GroupRewardWeighting
+      init_args: {calibrate: true, warmup_steps: 1, window: 2}
+    - class_path: tests.ddp_helpers.RecordRanks
+      init_args: {out_dir: STEPS_DIR}
+"""
+
+
+@pytest.fixture(scope="module")
+def group_weighting_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ddp_group_weighting")
+    (workdir / "steps").mkdir()
+    ranks, _ = run_callbacks(workdir, GROUP_WEIGHTING_RUN.replace("STEPS_DIR", str(workdir / "steps")))
+    steps = [torch.load(workdir / "steps" / f"rank{r}.pt", weights_only=True)["steps"] for r in (0, 1)]
+    return ranks, steps
+
+
+def test_group_weighting_calibrates_on_every_rank_and_weighs_each_ranks_own_groups(group_weighting_run):
+    from sp_grpo.functional import group_reward_weights
+
+    ranks, steps = group_weighting_run
+    first, second = (r["callbacks"]["GroupRewardWeighting"] for r in ranks)
+    assert first == second and first["batches"] == 2
+    aspects = ("fidelity", "temporal", "semantic")
+    history = []
+    for step in range(2):
+        # Independent reference: tau is the median of both ranks' earlier group means (0.75 before any).
+        tau = torch.quantile(torch.cat(history, dim=1), 0.5, dim=1) if history else torch.full((3,), 0.75)
+        means = []
+        for rank in (0, 1):
+            record = steps[rank][step]
+            stacked = torch.stack([record["aspect_rewards"][a] for a in aspects])
+            weights = dict(zip(aspects, group_reward_weights(stacked, 2, tau)))
+            expected = clip_advantages(aggregate_advantages(record["aspect_rewards"], weights, 2), 5.0)
+            torch.testing.assert_close(record["advantages"], expected, atol=1e-5, rtol=1e-5)
+            means.append(stacked.reshape(3, -1, 2).mean(-1))
+        history.append(torch.cat(means, dim=1))
+    for name, value in ranks[0]["trainable"].items():
+        torch.testing.assert_close(value, ranks[1]["trainable"][name], atol=1e-6, rtol=1e-5, msg=name)
