@@ -64,8 +64,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
                 raise KeyError(f"`--set {item}`: the config has no section {part!r} on the way to {key!r}.")
             node = node[part]
         # A key the YAML leaves at its default may be added; a misspelt one fails when the object is built.
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _yaml_value(raw)
     return config
+
+
+def _yaml_value(raw: str) -> Any:
+    """A YAML value, with numbers such as ``1e-3`` (a string to YAML 1.1, which wants ``1.0e-3``) as floats."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _curriculum_args(config: dict) -> dict:

@@ -104,6 +104,7 @@ def test_set_overrides_or_adds_a_nested_value_and_rejects_unknown_sections(ablat
     config = ablation.load_config(None, ["model.kl_coef=0", "model.sampler.num_steps=4", "data.batch_size=2"])
     assert config["model"]["kl_coef"] == 0 and config["model"]["sampler"]["num_steps"] == 4 and config["data"]["batch_size"] == 2
     assert ablation.load_config(None, ["model.sampler.train_steps=window"])["model"]["sampler"]["train_steps"] == "window"
+    assert ablation.load_config(None, ["model.learning_rate=1e-3"])["model"]["learning_rate"] == 0.001  # not the string
     with pytest.raises(KeyError, match="has no section 'modle'"):
         ablation.load_config(None, ["modle.kl_coef=0"])
     with pytest.raises(ValueError, match="must be key=value"):
