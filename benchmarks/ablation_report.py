@@ -158,8 +158,10 @@ def plot_hacking(runs: Sequence[dict], path: str | Path, title: str = "") -> Pat
     return _save(figure, path)
 
 
-def load(paths: Iterable[str | Path]) -> list[dict]:
-    return [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
+def load(paths: Iterable[str | Path], fill: dict[str, str] | None = None) -> list[dict]:
+    """Every run of the JSON-lines files; ``fill`` supplies fields that older files lack (e.g. the regime)."""
+    runs = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
+    return [{**(fill or {}), **run} for run in runs]
 
 
 def report(runs: Sequence[dict], out: str | Path | None = None, title: str = "") -> str:
@@ -182,8 +184,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="+", help="JSON-lines files written by curriculum_ablation.py.")
     parser.add_argument("--out", default=None, help="Folder for the figures; none written without it.")
+    parser.add_argument("--fill", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Fields for runs that lack them, e.g. regime=kl0.1 for files written before runs recorded it.")
     args = parser.parse_args()
-    print(report(load(args.results), args.out))
+    fill = dict(item.split("=", 1) for item in args.fill)
+    print(report(load(args.results, fill), args.out))
 
 
 if __name__ == "__main__":

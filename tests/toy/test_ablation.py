@@ -2,6 +2,7 @@
 report's statistics (paired differences, intervals, hacking) match hand computations."""
 
 import importlib.util
+import json
 import math
 import statistics
 import sys
@@ -137,3 +138,11 @@ def test_weak_start_is_clearly_weaker_than_the_shipped_checkpoint_on_validation(
     shipped, weak = weak_start.score(None, seeds=1), weak_start.score(str(WEAK_CHECKPOINT_DIR), seeds=1)
     assert weak["fidelity"] < shipped["fidelity"] - 0.05 and weak["temporal"] < shipped["temporal"] - 0.05
     assert weak["colour_acc"] > 0.8  # colour is already learned: groups have spread to learn from
+
+
+def test_load_fills_fields_that_older_result_files_lack(report, tmp_path):
+    old, new = _run("static_equal", 0, 0.3), _run("paper_literal", 0, 0.35) | {"start": "weak", "regime": "kl0"}
+    path = tmp_path / "runs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (old, new)) + "\n")
+    loaded = report.load([path], {"start": "shipped", "regime": "kl0.1"})
+    assert [(r["start"], r["regime"]) for r in loaded] == [("shipped", "kl0.1"), ("weak", "kl0")]  # a run's own fields win
