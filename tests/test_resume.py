@@ -31,8 +31,7 @@ trainer:
       init_args: {{dirpath: run/checkpoints}}
     - class_path: lightning.pytorch.callbacks.EMAWeightAveraging
       init_args: {{decay: 0.9}}
-    - class_path: sp_grpo.callbacks.SelfPacedCurriculum
-      init_args: {{warmup_steps: 2}}
+{weighting}
 {extra}
   plugins:
     - class_path: sp_grpo.checkpoint.AtomicCheckpointIO
@@ -52,9 +51,18 @@ data:
 """
 
 
-def run_fit(workdir: Path, steps: int, extra: str = "", ckpt_path: str | None = None) -> subprocess.CompletedProcess:
+CURRICULUM = """    - class_path: sp_grpo.callbacks.SelfPacedCurriculum
+      init_args: {warmup_steps: 2}"""
+PAPER_WEIGHTING = """    - class_path: sp_grpo.callbacks.GroupRewardWeighting
+      init_args: {calibrate: true, warmup_steps: 2, window: 3}"""
+
+
+def run_fit(
+    workdir: Path, steps: int, extra: str = "", ckpt_path: str | None = None, weighting: str = CURRICULUM
+) -> subprocess.CompletedProcess:
     config = workdir / "config.yaml"
-    config.write_text(CONFIG.format(steps=steps, extra=extra, rewards=ROOT / "configs/rewards/model_free.yaml"))
+    rewards = ROOT / "configs/rewards/model_free.yaml"
+    config.write_text(CONFIG.format(steps=steps, extra=extra, rewards=rewards, weighting=weighting))
     command = [sys.executable, "-m", "sp_grpo.cli", "fit", "--config", str(config)]
     if ckpt_path:
         command += ["--ckpt_path", ckpt_path]
@@ -82,7 +90,7 @@ def assert_same(a, b, where="") -> None:
         assert a == b, where
 
 
-def assert_same_training_state(a: dict, b: dict) -> None:
+def assert_same_training_state(a: dict, b: dict, weighting: str = "SelfPacedCurriculum") -> None:
     assert a["global_step"] == b["global_step"]
     for key in ("state_dict", "current_model_state"):  # EMA weights, and the live weights
         assert a[key].keys() == b[key].keys()
@@ -92,9 +100,10 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"])
         torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
-    curriculum_a = next(v for k, v in a["callbacks"].items() if "SelfPacedCurriculum" in k)
-    curriculum_b = next(v for k, v in b["callbacks"].items() if "SelfPacedCurriculum" in k)
-    assert len(curriculum_a["history"]) == b["global_step"]  # one entry per iteration, none lost or repeated
+    curriculum_a = next(v for k, v in a["callbacks"].items() if weighting in k)
+    curriculum_b = next(v for k, v in b["callbacks"].items() if weighting in k)
+    # One update per iteration, none lost or repeated (the weighting's history is bounded; it counts batches).
+    assert curriculum_a.get("batches", len(curriculum_a["history"])) == b["global_step"]
     assert_same(curriculum_a, curriculum_b, "curriculum")
 
 
@@ -118,6 +127,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_training_state(load(tmp_path / "run/checkpoints/last.ckpt"), uninterrupted)
     assert (tmp_path / "run/logs/version_0/metrics.csv").exists()
+
+
+def test_sigkill_then_resume_equals_uninterrupted_with_the_papers_weighting(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "killed").mkdir()
+    full = run_fit(tmp_path / "full", STEPS, weighting=PAPER_WEIGHTING)
+    assert full.returncode == 0, full.stderr[-3000:]
+    extra = "    - class_path: tests.resume_helpers.SignalAfterSteps\n      init_args: {step: 4, signal_name: SIGKILL}"
+    killed = run_fit(tmp_path / "killed", STEPS, extra, weighting=PAPER_WEIGHTING)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_fit(tmp_path / "killed", STEPS, ckpt_path="last", weighting=PAPER_WEIGHTING)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = load(tmp_path / "killed/run/checkpoints/last.ckpt")
+    assert_same_training_state(final, load(tmp_path / "full/run/checkpoints/last.ckpt"), "GroupRewardWeighting")
+    state = next(v for k, v in final["callbacks"].items() if "GroupRewardWeighting" in k)
+    assert len(state["history"]) == 3 and state["levels"] != [0.75, 0.75, 0.75]  # calibrated, bounded
 
 
 def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path, uninterrupted):
