@@ -10,7 +10,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from sp_grpo.functional.advantages import AdvantageScale, AggregationMode, aggregate_advantages, clip_advantages
 from sp_grpo.functional.losses import clipped_surrogate, gaussian_kl
-from sp_grpo.functional.sde import sde_step
+from sp_grpo.functional.sde import check_sigma_schedule, sde_step
+from sp_grpo.micro_batch import MicroBatchSizer, check_micro_batch_settings
 from sp_grpo.policies.base import VideoPolicy
 from sp_grpo.rewards.mixture import RewardSet
 from sp_grpo.rollout import Rollout, SamplerConfig, sample_ode, sample_rollout
@@ -55,7 +56,11 @@ class SelfPacedGRPO(L.LightningModule):
         num_inner_epochs: Passes of clipped updates over each rollout (``K``).
         num_minibatches: Optimizer steps per inner epoch; the rollout's samples are split evenly.
         micro_batch_size: (sample, step) pairs per forward/backward; gradients accumulate over a
-            minibatch, so this changes memory, not the result.
+            minibatch, so this changes memory and speed, not the result. ``"auto"``: the whole
+            minibatch on a CPU; on a GPU the largest number that fits ``micro_batch_memory_gib``,
+            measured on the first update (:class:`~sp_grpo.micro_batch.MicroBatchSizer`). A number wins.
+        micro_batch_memory_gib: With ``micro_batch_size: auto`` on a GPU, the memory one micro-batch's
+            forward and backward pass may use; ``null``: what the GPU has free at the first update.
         clip_range: PPO clip range of the probability ratio. Log-probs are per-element means, so
             ratios stay near 1 and small ranges (1e-4 to 1e-2) are usual.
         advantage_scale: Divide centred rewards by the std of their ``"group"``, of the whole
@@ -87,7 +92,8 @@ class SelfPacedGRPO(L.LightningModule):
         sampler: SamplerConfig = SamplerConfig(),  # noqa: B008 - frozen dataclass, safe to share
         num_inner_epochs: int = 1,
         num_minibatches: int = 1,
-        micro_batch_size: int = 8,
+        micro_batch_size: int | Literal["auto"] = "auto",
+        micro_batch_memory_gib: float | None = None,
         clip_range: float = 1e-3,
         advantage_scale: AdvantageScale = "group",
         aggregation: AggregationMode = "normalize_then_sum",
@@ -114,9 +120,10 @@ class SelfPacedGRPO(L.LightningModule):
                 f"`group_size` ({group_size}) must be at least 2: GRPO compares samples within a group; set"
                 " `model.group_size` to 2 or more."
             )
-        for name, value in (("num_inner_epochs", num_inner_epochs), ("num_minibatches", num_minibatches), ("micro_batch_size", micro_batch_size)):
+        for name, value in (("num_inner_epochs", num_inner_epochs), ("num_minibatches", num_minibatches)):
             if value < 1:
                 raise ValueError(f"`model.{name}` ({value}) must be at least 1.")
+        check_micro_batch_settings(micro_batch_size, micro_batch_memory_gib)
         if clip_range <= 0:
             raise ValueError(f"`model.clip_range` ({clip_range}) must be positive, e.g. 1e-3.")
         if advantage_scale not in _SCALES:
@@ -149,6 +156,7 @@ class SelfPacedGRPO(L.LightningModule):
         self.num_inner_epochs = num_inner_epochs
         self.num_minibatches = num_minibatches
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_sizer = MicroBatchSizer(micro_batch_memory_gib)
         self.clip_range = clip_range
         self.advantage_scale = advantage_scale
         self.aggregation = aggregation
@@ -449,6 +457,9 @@ class SelfPacedGRPO(L.LightningModule):
         """
         optimizer = self.optimizers()
         schedule = self.lr_schedulers()
+        # The schedule is checked once on its CPU copy and moved to the device once, not per micro-batch.
+        check_sigma_schedule(rollout.sigmas)
+        rollout = dataclasses.replace(rollout, sigmas=rollout.sigmas.to(self.device))
         order_gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.global_step, 1 << 20))
         totals: dict[str, list[Tensor]] = {"loss": [], "clip_frac": [], "approx_kl": [], "kl_ref": [], "ratio_mean": []}
         first_log_ratio = None
@@ -485,7 +496,7 @@ class SelfPacedGRPO(L.LightningModule):
         self._fsdp_root.clip_grad_norm_(self.max_grad_norm)
 
     def accumulate_gradients(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
-        """Backpropagate the mean loss over ``pairs``, ``micro_batch_size`` pairs at a time.
+        """Backpropagate the mean loss over ``pairs``, ``micro_batch_size`` pairs at a time (see ``"auto"``).
 
         Each micro-batch's mean loss is weighted by its share of ``pairs``, so the accumulated
         gradient is that of the mean over all pairs, whatever the micro-batch size.
@@ -501,7 +512,12 @@ class SelfPacedGRPO(L.LightningModule):
         """
         sums: dict[str, Tensor] = {}
         log_ratios = []
-        for micro in pairs.split(self.micro_batch_size):
+        start = 0
+        for size in self.micro_batch_sizer.split(
+            len(pairs), self.micro_batch_size, self.device, pending_bytes=self._pending_optimizer_bytes, agree=self._min_over_ranks
+        ):
+            micro = pairs[start : start + size]
+            start += size
             out = self.pair_loss(rollout, advantages, micro)
             share = len(micro) / len(pairs)
             if self._trainer is not None:
@@ -512,6 +528,18 @@ class SelfPacedGRPO(L.LightningModule):
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() * share
         return {**sums, "log_ratio": torch.cat(log_ratios)}
+
+    def _pending_optimizer_bytes(self) -> int:
+        """AdamW's two states per trainable weight, until its first step has allocated them."""
+        if self._trainer is None or not self.optimizers(use_pl_optimizer=False).state:
+            return 2 * sum(p.numel() * p.element_size() for p in self.policy.trainable_parameters())
+        return 0
+
+    def _min_over_ranks(self, value: int) -> int:
+        """The smallest ``value`` over all processes (each must run as many backward passes)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return int(self.all_gather(torch.tensor(value, device=self.device)).min())
 
     def pair_loss(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
         """Clipped surrogate (+ KL to the reference) on a micro-batch of ``(sample, step)`` pairs.
@@ -525,12 +553,13 @@ class SelfPacedGRPO(L.LightningModule):
             ``loss`` (mean over the pairs), ``log_ratio`` ``(M,)`` and the surrogate's statistics.
         """
         sample, step = pairs[:, 0], pairs[:, 1]
-        sigmas = rollout.sigmas.to(self.device)
+        sigmas = rollout.sigmas.to(self.device)  # already there when called from policy_updates
         x, x_next = rollout.latents[sample, step], rollout.latents[sample, step + 1]
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
         embeds = rollout.embeds.index(sample)
         guidance = self.sampler.guidance_scale
-        sde_args = dict(kind=self.sampler.sde_kind, noise_level=self.sampler.noise_level, prev_sample=x_next)
+        # The schedule was checked once (policy_updates); a check here would sync with the GPU per micro-batch.
+        sde_args = dict(kind=self.sampler.sde_kind, noise_level=self.sampler.noise_level, prev_sample=x_next, check_sigmas=False)
         ref = None
         if self.kl_coef > 0:
             # Before the policy's forward: under FSDP a no-grad forward of the same network between a

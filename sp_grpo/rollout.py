@@ -7,14 +7,13 @@ policy's :meth:`~sp_grpo.policies.VideoPolicy.velocity` and :func:`~sp_grpo.func
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from sp_grpo.functional.sde import SDEKind, sde_step
+from sp_grpo.functional.sde import SDEKind, check_sigma_schedule, sde_step
 from sp_grpo.policies.base import PromptEmbeds, VideoPolicy
 
 StepSelection = Literal["all", "random", "window"]
@@ -208,31 +207,19 @@ def sample_rollout(
         iteration: Training iteration, for sliding windows.
         device: Where latents live.
         latent_dtype: Dtype of the stored latents.
-        inference_mode: Sample under ``torch.inference_mode`` (no autograd bookkeeping at all, faster
-            than ``no_grad``); the kept tensors are then copied out of inference mode once, so the
-            training step can use them as inputs. ``False`` samples under ``no_grad``.
+        inference_mode: Run the denoising loop under ``torch.inference_mode`` (no autograd
+            bookkeeping at all, faster than ``no_grad``). The trajectory is written into buffers
+            made before the loop, and prompts are encoded and videos decoded under ``no_grad``, so
+            nothing the training step uses is an inference tensor and nothing is copied. ``False``
+            runs the loop under ``no_grad``.
 
     Returns:
         The :class:`Rollout`, with ``N = P * G`` samples, prompt-major.
     """
-    with torch.inference_mode() if inference_mode else torch.no_grad():
-        rollout = _sample_rollout(policy, prompts, group_size, config, generator, iteration, torch.device(device), latent_dtype)
-    if inference_mode:
-        # Inference tensors cannot be saved for backward; one copy makes them ordinary tensors.
-        uncond = None if rollout.embeds.uncond is None else rollout.embeds.uncond.clone()
-        rollout = dataclasses.replace(
-            rollout,
-            latents=rollout.latents.clone(),
-            log_probs=rollout.log_probs.clone(),
-            sigmas=rollout.sigmas.clone(),
-            stochastic=rollout.stochastic.clone(),
-            train_mask=rollout.train_mask.clone(),
-            embeds=PromptEmbeds(rollout.embeds.cond.clone(), uncond),
-            videos=rollout.videos.clone(),
-        )
-    return rollout
+    return _sample_rollout(policy, prompts, group_size, config, generator, iteration, torch.device(device), latent_dtype, inference_mode)
 
 
+@torch.no_grad()
 def _sample_rollout(
     policy: VideoPolicy,
     prompts: Sequence[str],
@@ -242,6 +229,7 @@ def _sample_rollout(
     iteration: int,
     device: torch.device,
     latent_dtype: torch.dtype,
+    inference_mode: bool,
 ) -> Rollout:
     num_prompts = len(prompts)
     n = num_prompts * group_size
@@ -259,9 +247,15 @@ def _sample_rollout(
     stochastic, train_mask = select_steps(config, n, iteration, choice_gen)
 
     sigmas = policy.sigmas(config.num_steps, latent_shape=shape)
-    latents, log_probs, deterministic = _denoise(policy, embeds, noise, sigmas, stochastic, config, generator, latent_dtype)
+    check_sigma_schedule(sigmas)
+    # Buffers made outside inference mode and filled in place inside it stay ordinary tensors, which
+    # the training step can index and save for backward without a copy of the whole trajectory.
+    latents = torch.empty((n, config.num_steps + 1, *shape), device=device, dtype=latent_dtype)
+    log_probs = torch.zeros((n, config.num_steps), device=device, dtype=torch.float32)
+    with torch.inference_mode(inference_mode):
+        deterministic = _denoise(policy, embeds, noise, sigmas, stochastic, config, generator, latents, log_probs)
     # A step the sampler made deterministic (e.g. CPS's last step) has no likelihood to train.
-    train_mask[:, deterministic.cpu()] = False
+    train_mask[:, deterministic] = False
     videos = policy.decode(latents[:, -1])
     return Rollout(
         prompts=[p for p in prompts for _ in range(group_size)],
@@ -284,30 +278,35 @@ def _denoise(
     stochastic: Tensor,
     config: SamplerConfig,
     generator: torch.Generator | None,
-    latent_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
+    latents: Tensor,
+    log_probs: Tensor,
+) -> Tensor:
     """The denoising loop: ODE (Euler) steps where ``stochastic`` is False, ``config.sde_kind`` elsewhere.
 
+    Fills ``latents`` ``(N, S + 1, ...)`` (the noise, then each step's result) and ``log_probs``
+    ``(N, S)`` in place. The loop reads nothing back from the device: the schedule is read from its
+    CPU copy once, and each step's std is kept on the device and checked once after the loop.
+
     Returns:
-        ``latents`` ``(N, S + 1, ...)``, ``log_probs`` ``(N, S)`` and ``deterministic`` ``(S,)``,
-        the steps whose noise turned out to be zero.
+        ``deterministic`` ``(S,)`` bool on the CPU: the steps whose noise turned out to be zero.
     """
     n, steps = noise.shape[0], len(sigmas) - 1
-    latents = torch.empty((n, steps + 1, *noise.shape[1:]), device=noise.device, dtype=latent_dtype)
-    log_probs = torch.zeros((n, steps), device=noise.device, dtype=torch.float32)
-    deterministic = torch.zeros(steps, dtype=torch.bool)
-    x = noise.to(latent_dtype)
+    sigma_values, stochastic_steps = sigmas.tolist(), stochastic.tolist()
+    stds = torch.zeros((steps, n), device=noise.device, dtype=torch.float32)
+    x = noise.to(latents.dtype)
     latents[:, 0] = x
     for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
         velocity = policy.velocity(x, torch.full((n,), sigma, device=x.device), embeds, config.guidance_scale)
-        noise_level = config.noise_level if bool(stochastic[i]) else 0.0
-        step = sde_step(velocity, x, sigma, sigma_next, kind=config.sde_kind, noise_level=noise_level, generator=generator)
-        x = step.prev_sample.to(latent_dtype)
+        noise_level = config.noise_level if stochastic_steps[i] else 0.0
+        step = sde_step(
+            velocity, x, sigma, sigma_next, kind=config.sde_kind, noise_level=noise_level, generator=generator, check_sigmas=False
+        )
+        x = step.prev_sample.to(latents.dtype)
         latents[:, i + 1] = x
         log_probs[:, i] = step.log_prob
-        deterministic[i] = not bool((step.std > 0).all())
-    return latents, log_probs, deterministic
+        stds[i] = step.std.flatten()
+    return ~(stds > 0).all(dim=1).cpu()
 
 
 @torch.no_grad()
@@ -332,8 +331,11 @@ def sample_ode(
     shape = policy.latent_shape(config.num_frames, config.height, config.width)
     noise = torch.randn((len(prompts), *shape), generator=generator, device=device, dtype=torch.float32)
     sigmas = policy.sigmas(config.num_steps, latent_shape=shape)
+    check_sigma_schedule(sigmas)
     stochastic = torch.zeros(config.num_steps, dtype=torch.bool)
-    latents, _, _ = _denoise(policy, embeds, noise, sigmas, stochastic, config, None, torch.float32)
+    latents = torch.empty((len(prompts), config.num_steps + 1, *shape), device=device, dtype=torch.float32)
+    log_probs = torch.zeros((len(prompts), config.num_steps), device=device, dtype=torch.float32)
+    _denoise(policy, embeds, noise, sigmas, stochastic, config, None, latents, log_probs)
     return policy.decode(latents[:, -1])
 
 

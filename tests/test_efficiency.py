@@ -57,7 +57,8 @@ def test_vae_decodes_in_chunks():
 
 def _module(**sampler):
     config = SamplerConfig(**{**SAMPLER.__dict__, **sampler})
-    return SelfPacedGRPO(TinyWanPolicy(), RewardSet({"sharp": Sharpness()}), group_size=4, sampler=config, micro_batch_size=3)
+    policy = TinyWanPolicy(cfg_batched=True)  # the counts below are of batched guidance passes
+    return SelfPacedGRPO(policy, RewardSet({"sharp": Sharpness()}), group_size=4, sampler=config, micro_batch_size=3)
 
 
 def test_step_window_trains_only_its_steps_and_samples_ode_elsewhere():

@@ -56,7 +56,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-__all__ = ["SDEKind", "SDEStepOutput", "sde_step"]
+__all__ = ["SDEKind", "SDEStepOutput", "check_sigma_schedule", "sde_step"]
 
 SDEKind = Literal["sde", "cps", "dance"]
 
@@ -156,6 +156,7 @@ def sde_step(
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    check_sigmas: bool = True,
 ) -> SDEStepOutput:
     r"""Take (or score) one stochastic step from ``sigma`` to ``sigma_next``.
 
@@ -190,6 +191,9 @@ def sde_step(
         prev_sample: Latent at ``sigma_next`` to score instead of sampling one, shape of ``sample``.
         generator: Random generator on ``sample``'s device, for reproducible sampling.
         noise: Standard-normal noise :math:`z` to use instead of drawing it, shape of ``sample``.
+        check_sigmas: Check ``0 <= sigma_next < sigma <= 1``. Float sigmas are checked in Python for
+            free; tensor sigmas on an accelerator cost a host sync per call, so a loop that checked
+            its whole schedule once (:func:`check_sigma_schedule`) passes ``False``.
 
     Returns:
         :class:`SDEStepOutput` with ``prev_sample`` (dtype of ``sample``), ``log_prob`` ``(B,)``,
@@ -213,7 +217,9 @@ def sde_step(
     batch, ndim = sample.shape[0], sample.ndim
     sigma_b = _per_sample_sigma(sigma, "sigma", batch, ndim, sample.device)
     sigma_next_b = _per_sample_sigma(sigma_next, "sigma_next", batch, ndim, sample.device)
-    _check_sigmas(sigma_b, sigma_next_b)
+    floats_in_range = isinstance(sigma, float) and isinstance(sigma_next, float) and 0.0 <= sigma_next < sigma <= 1.0
+    if check_sigmas and not floats_in_range:
+        _check_sigmas(sigma_b, sigma_next_b)
 
     # fp32 maths: GRPO divides exp(log_prob) of two nearly equal policies, and in bf16 the means and
     # log-densities lose the few significant digits that ratio lives on.
@@ -299,7 +305,11 @@ def _check_args(
 def _per_sample_sigma(value: float | Tensor, name: str, batch: int, ndim: int, device: torch.device) -> Tensor:
     """Turn a float, 0-d or ``(B,)`` sigma into an fp32 tensor shaped ``(B, 1, ..., 1)``."""
     # fp32 even for bf16 sigmas: sigma_next - sigma is a small difference of nearly equal numbers.
-    sig = torch.as_tensor(value, dtype=torch.float32, device=device)
+    # A float is filled in on the device (as_tensor would copy it from the host, a sync on a GPU).
+    if isinstance(value, (float, int)):
+        sig = torch.full((batch,), float(value), dtype=torch.float32, device=device)
+    else:
+        sig = torch.as_tensor(value, dtype=torch.float32, device=device)
     if sig.ndim == 0:
         sig = sig.expand(batch)
     if sig.shape != (batch,):
@@ -326,6 +336,32 @@ def _check_sigmas(sigma: Tensor, sigma_next: Tensor) -> None:
             "sigmas run from 1 (noise) to 0 (data), so each step lowers sigma; pass `sigmas[i + 1]` as "
             "`sigma_next` for `sigmas[i]`."
         )
+
+
+def check_sigma_schedule(sigmas: Tensor) -> None:
+    """Check a whole schedule once: values in ``[0, 1]``, strictly decreasing.
+
+    :func:`sde_step` checks each step's sigmas; on an accelerator that is a host sync per step. A
+    sampling or training loop checks its schedule here once, on the CPU copy, and then passes
+    ``check_sigmas=False`` to every step.
+
+    Args:
+        sigmas: ``(S + 1,)`` noise levels, from ~1 (noise) down to 0 (data).
+
+    Raises:
+        ValueError: If a sigma is outside ``[0, 1]`` or the schedule does not decrease, naming the step.
+
+    Example:
+        >>> check_sigma_schedule(torch.tensor([1.0, 0.5, 0.0]))
+        >>> check_sigma_schedule(torch.tensor([1.0, 0.5, 0.5]))
+        Traceback (most recent call last):
+        ...
+        ValueError: `sigma_next` [0.5] must be smaller than `sigma` [0.5]: sigmas run from 1 (noise) to 0 (data), so each step lowers sigma; pass `sigmas[i + 1]` as `sigma_next` for `sigmas[i]`.
+    """
+    sigmas = sigmas.detach().float().cpu()
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"A sigma schedule must be 1-d with at least 2 values (S + 1 for S steps); got shape {tuple(sigmas.shape)}.")
+    _check_sigmas(sigmas[:-1], sigmas[1:])
 
 
 def _rounded(values: Tensor) -> list[float]:

@@ -7,8 +7,8 @@ The rollout, the training step and the reference-model KL only talk to a generat
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,9 @@ from torch import Tensor, nn
 class PromptEmbeds:
     """Text conditioning for a batch of samples.
 
+    Treated as immutable: :meth:`guided` caches the two halves stacked, so the rollout's steps
+    (and a micro-batch's policy and reference passes) concatenate them once, not on every call.
+
     Attributes:
         cond: ``(N, L, D)`` embeddings of the prompts.
         uncond: ``(N, L, D)`` embeddings of the negative prompt, or ``None`` when classifier-free
@@ -26,6 +29,24 @@ class PromptEmbeds:
 
     cond: Tensor
     uncond: Tensor | None
+    _guided: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def guided(self) -> Tensor:
+        """``(2N, L, D)``: ``cond`` rows, then ``uncond`` rows, the text of one batched guidance pass.
+
+        Computed once and kept, except where keeping it would be wrong: embeddings that require
+        grad (a cached result would hold last iteration's graph), and a result made under
+        ``torch.inference_mode`` read outside it (an inference tensor cannot be saved for backward).
+        """
+        if self.uncond is None:
+            raise ValueError("`PromptEmbeds.uncond` is None: encode the prompts with `guidance=True` for guided calls.")
+        cached = self._guided
+        if cached is not None and (not cached.is_inference() or torch.is_inference_mode_enabled()):
+            return cached
+        both = torch.cat([self.cond, self.uncond])
+        if not both.requires_grad:
+            self._guided = both
+        return both
 
     def repeat_interleave(self, repeats: int) -> PromptEmbeds:
         """Repeat each row ``repeats`` times (prompt-major groups)."""
@@ -93,6 +114,32 @@ class VideoPolicy(Protocol):
         ...
 
 
+CFGBatching = Literal["auto"] | bool
+
+#: Whether one batched guidance pass of ``2B`` rows beat two passes of ``B`` rows, per device type,
+#: as measured by ``benchmarks/cfg_batching.py`` (README, "Performance"). 2-core CPU, tiny Wans of
+#: configs/tiny.yaml and benchmarks/iteration_overhead.py: batched / two passes 0.58-0.86 in the
+#: rollout and 0.60-0.86 in the update (1 and 2 threads); H100: 0.63 in the rollout
+#: (benchmarks/rollout_overhead.py). Devices not listed get the batched pass.
+BATCHED_CFG_IS_FASTER: dict[str, bool] = {"cpu": True, "cuda": True}
+
+
+def cfg_batched_on(device: torch.device, setting: CFGBatching) -> bool:
+    """Whether guidance runs as one batched pass on ``device`` under the ``cfg_batched`` setting.
+
+    ``True`` and ``False`` are obeyed; ``"auto"`` looks the device type up in
+    :data:`BATCHED_CFG_IS_FASTER`, the measured choice. (Batched was faster on every device
+    measured so far, CPUs included; a device where two passes win is one entry there.)
+
+    Example:
+        >>> cfg_batched_on(torch.device("cpu"), "auto"), cfg_batched_on(torch.device("cpu"), False)
+        (True, False)
+    """
+    if setting == "auto":
+        return BATCHED_CFG_IS_FASTER.get(device.type, True)
+    return bool(setting)
+
+
 def cfg_velocity(
     forward, latents: Tensor, sigma: Tensor, embeds: PromptEmbeds, guidance_scale: float, batched: bool
 ) -> Tensor:
@@ -107,7 +154,7 @@ def cfg_velocity(
         embeds: conditioning with ``B`` rows; ``uncond`` is needed when ``guidance_scale != 1``.
         guidance_scale: the guidance weight ``w``.
         batched: run the conditional and unconditional halves in one forward pass of ``2B`` rows
-            (faster on every device we measured) instead of two passes.
+            instead of two passes (see :func:`cfg_batched_on` for which is faster where).
 
     Returns:
         ``(B, ...)`` guided velocity.
@@ -121,7 +168,7 @@ def cfg_velocity(
     if guidance_scale == 1.0 or embeds.uncond is None:
         return forward(latents, sigma, embeds.cond)
     if batched:
-        both = forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]), torch.cat([embeds.cond, embeds.uncond]))
+        both = forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]), embeds.guided())
         v_cond, v_uncond = both.chunk(2)
     else:
         v_cond = forward(latents, sigma, embeds.cond)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from sp_grpo.policies.base import PromptEmbeds, cfg_velocity, omit_frozen_from_state_dict
+from sp_grpo.policies.base import PromptEmbeds, cfg_batched_on, cfg_velocity, omit_frozen_from_state_dict
 
 DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,7 +134,9 @@ class DiffusersVideoPolicy(nn.Module):
         lora_seed: Seed of the adapters' random initialisation.
         reference_copy: Under full fine-tuning, keep a frozen copy of the transformer as the KL reference.
         gradient_checkpointing: Recompute transformer blocks in the backward pass.
-        cfg_batched: Run both halves of classifier-free guidance as one batch.
+        cfg_batched: Run both halves of classifier-free guidance as one batch (``True``), as two
+            passes (``False``), or ``"auto"``: whichever measured faster on this device type
+            (:func:`~sp_grpo.policies.base.cfg_batched_on`; batched on CPUs and GPUs so far).
         decode_chunk_size: Decode at most this many videos at once; ``None`` decodes all together.
 
     Raises:
@@ -153,11 +155,13 @@ class DiffusersVideoPolicy(nn.Module):
         lora_seed: int = 0,
         reference_copy: bool = False,
         gradient_checkpointing: bool = False,
-        cfg_batched: bool = True,
+        cfg_batched: bool | Literal["auto"] = "auto",
         decode_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         dtype = resolve_dtype(torch_dtype)
+        if cfg_batched not in ("auto", True, False):
+            raise ValueError(f"`cfg_batched` ({cfg_batched!r}) must be true, false or 'auto' (the faster one measured on the device).")
         if lora_rank is not None and lora_rank < 1:
             raise ValueError(f"`lora_rank` ({lora_rank}) must be at least 1, or null to train the whole transformer.")
         if decode_chunk_size is not None and decode_chunk_size < 1:
@@ -249,13 +253,31 @@ class DiffusersVideoPolicy(nn.Module):
     # -- network --------------------------------------------------------------------------------
     def velocity(self, latents: Tensor, sigma: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
         """Guided velocity ``(B, *latent_shape)``; see :func:`~sp_grpo.policies.base.cfg_velocity`."""
-        return cfg_velocity(self._forward, latents, sigma, embeds, guidance_scale, self.cfg_batched)
+        batched = cfg_batched_on(latents.device, self.cfg_batched)
+        return cfg_velocity(self._forward, latents, sigma, embeds, guidance_scale, batched)
 
     def _network(self) -> nn.Module:
         """The network :meth:`_forward` calls: the frozen copy inside :meth:`reference`, else the transformer."""
         if self._use_reference and self.reference_transformer is not None:
             return self.reference_transformer
         return self.transformer
+
+    def _compute_dtype(self, network: nn.Module) -> torch.dtype:
+        """``network.dtype`` in constant time, for the casts around every network call.
+
+        diffusers' ``ModelMixin.dtype`` walks every submodule and parameter on each read (234
+        modules under LoRA on the tiny Wan; 17 % of its update). The first read of a network
+        finds the parameter that property reports and keeps it; later reads return that
+        parameter's dtype. A cast (``.to``, ``.half``, also with parameter swapping) keeps
+        parameter objects, so the answer follows it; a network replaced (FSDP wrapping, a copy) is
+        looked up again, being another object.
+        """
+        cache = self.__dict__.setdefault("_dtype_probes", {})
+        entry = cache.get(id(network))
+        if entry is None or entry[0] is not network:
+            entry = cache[id(network)] = (network, _dtype_probe(network))
+        probe = entry[1]
+        return probe if isinstance(probe, torch.dtype) else probe.dtype
 
     def _forward(self, latents: Tensor, sigma: Tensor, text: Tensor) -> Tensor:
         """One unguided network call: ``(B, *latent_shape)`` latents, ``(B,)`` sigmas, ``B`` rows of text."""
@@ -317,6 +339,23 @@ class DiffusersVideoPolicy(nn.Module):
         .. math:: v = \\operatorname{clip}((x + 1) / 2, 0, 1)
         """
         return ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4)
+
+
+def _dtype_probe(network: nn.Module) -> nn.Parameter | torch.dtype:
+    """The parameter whose dtype diffusers reports as ``network.dtype``, or that dtype itself.
+
+    diffusers reports the compute dtype of a layerwise-casting hook when one is set (it does not
+    follow the parameters, so it is kept as a dtype), else the first floating-point parameter's
+    outside ``_keep_in_fp32_modules``.
+    """
+    dtype = network.dtype
+    if any(getattr(module, "_diffusers_hook", None) is not None for module in network.modules()):
+        return dtype
+    keep_fp32 = getattr(network, "_keep_in_fp32_modules", None) or ()
+    for name, param in network.named_parameters():
+        if param.is_floating_point() and not any(keep in name for keep in keep_fp32):
+            return param if param.dtype == dtype else dtype
+    return dtype
 
 
 def _checkpoint_inside_units(root: nn.Module) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -100,7 +100,8 @@ class HunyuanVideoPolicy(DiffusersVideoPolicy):
         max_sequence_length: Prompt tokens kept after the template (the pipeline uses 256).
         hidden_layers_to_skip: Which Llama layer gives the embeddings: the last minus this many.
         shift: Flow shift of the sigma schedule; ``None`` keeps the scheduler's (7 for HunyuanVideo).
-        cfg_batched: Run both halves of classifier-free guidance as one batch.
+        cfg_batched: Run both halves of classifier-free guidance as one batch, as two passes, or
+            ``auto``: whichever measured faster on the device type.
         decode_chunk_size: Decode at most this many videos at once; ``None`` for all together.
         vae_tiling: Decode in overlapping spatial tiles (diffusers' ``enable_tiling``), needed for
             long high-resolution videos.
@@ -128,7 +129,7 @@ class HunyuanVideoPolicy(DiffusersVideoPolicy):
         max_sequence_length: int = 256,
         hidden_layers_to_skip: int = 2,
         shift: float | None = None,
-        cfg_batched: bool = True,
+        cfg_batched: bool | Literal["auto"] = "auto",
         decode_chunk_size: int | None = None,
         vae_tiling: bool = False,
     ) -> None:
@@ -246,7 +247,7 @@ class HunyuanVideoPolicy(DiffusersVideoPolicy):
     # -- network --------------------------------------------------------------------------------
     def _forward(self, latents: Tensor, sigma: Tensor, text: Tensor) -> Tensor:
         network = self._network()
-        dtype = network.dtype
+        dtype = self._compute_dtype(network)
         tokens, mask, pooled = unpack_text(text, self._pooled_dim)
         timestep = sigma.to(torch.float32) * self.scheduler.config.num_train_timesteps
         guidance = torch.full((latents.shape[0],), self.embedded_guidance_scale, device=latents.device, dtype=dtype) * 1000.0

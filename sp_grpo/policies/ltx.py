@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -89,7 +89,8 @@ class LTXVideoPolicy(DiffusersVideoPolicy):
         decode_noise_scale: Noise mixed into the latents before a timestep-conditioned decode;
             ``None`` uses ``decode_timestep``, as the pipeline does. It is drawn from torch's global
             generator (seeded by ``seed_everything``).
-        cfg_batched: Run both halves of classifier-free guidance as one batch.
+        cfg_batched: Run both halves of classifier-free guidance as one batch, as two passes, or
+            ``auto``: whichever measured faster on the device type.
         decode_chunk_size: Decode at most this many videos at once; ``None`` for all together.
         vae_tiling: Decode in overlapping tiles (diffusers' ``enable_tiling``).
 
@@ -114,7 +115,7 @@ class LTXVideoPolicy(DiffusersVideoPolicy):
         frame_rate: float = 25.0,
         decode_timestep: float = 0.0,
         decode_noise_scale: float | None = None,
-        cfg_batched: bool = True,
+        cfg_batched: bool | Literal["auto"] = "auto",
         decode_chunk_size: int | None = None,
         vae_tiling: bool = False,
     ) -> None:
@@ -250,7 +251,7 @@ class LTXVideoPolicy(DiffusersVideoPolicy):
     # -- network --------------------------------------------------------------------------------
     def _forward(self, latents: Tensor, sigma: Tensor, text: Tensor) -> Tensor:
         network = self._network()
-        dtype = network.dtype
+        dtype = self._compute_dtype(network)
         tokens, mask, _ = unpack_text(text)
         p, p_t = network.config.patch_size, network.config.patch_size_t
         _, _, frames, height, width = latents.shape

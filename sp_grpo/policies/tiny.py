@@ -8,7 +8,7 @@ nothing is downloaded. Sizes follow diffusers' own dummy components for Wan.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -145,7 +145,8 @@ class TinyWanPolicy(WanPolicy):
         reference_copy: With full fine-tuning, keep a frozen copy of the transformer as the KL reference.
         gradient_checkpointing: Recompute transformer blocks in the backward pass.
         max_sequence_length: Text tokens per prompt.
-        cfg_batched: Run both halves of classifier-free guidance as one batch.
+        cfg_batched: Run both halves of classifier-free guidance as one batch, as two passes, or
+            ``auto``: whichever measured faster on the device type.
         decode_chunk_size: Decode at most this many videos at once; ``None`` for all together.
     """
 
@@ -160,7 +161,7 @@ class TinyWanPolicy(WanPolicy):
         reference_copy: bool = False,
         gradient_checkpointing: bool = False,
         max_sequence_length: int = 16,
-        cfg_batched: bool = True,
+        cfg_batched: bool | Literal["auto"] = "auto",
         decode_chunk_size: int | None = None,
         torch_dtype: DType = "float32",
     ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +98,9 @@ class WanPolicy(DiffusersVideoPolicy):
         max_sequence_length: Text tokens per prompt (Wan uses 512; shorter is faster and fine for
             short prompts).
         shift: Flow shift of the sigma schedule; ``None`` reads it from the folder's scheduler config.
-        cfg_batched: Run the conditional and unconditional passes of guidance as one batch.
+        cfg_batched: Run the conditional and unconditional passes of guidance as one batch
+            (``true``), as two passes (``false``), or ``auto``: whichever measured faster on the
+            device type (batched on CPUs and GPUs so far; README, "Performance").
         decode_chunk_size: Decode at most this many videos at once (bounds VAE memory); ``None``
             decodes the whole batch together.
     """
@@ -118,7 +120,7 @@ class WanPolicy(DiffusersVideoPolicy):
         negative_prompt: str = "",
         max_sequence_length: int = 226,
         shift: float | None = None,
-        cfg_batched: bool = True,
+        cfg_batched: bool | Literal["auto"] = "auto",
         decode_chunk_size: int | None = None,
     ) -> None:
         if max_sequence_length < 1:
@@ -228,11 +230,12 @@ class WanPolicy(DiffusersVideoPolicy):
     # -- network --------------------------------------------------------------------------------
     def _forward(self, latents: Tensor, sigma: Tensor, text: Tensor) -> Tensor:
         network = self._network()
+        dtype = self._compute_dtype(network)
         timestep = sigma.to(torch.float32) * self.scheduler.config.num_train_timesteps
         out = network(
-            hidden_states=latents.to(network.dtype),
+            hidden_states=latents.to(dtype),
             timestep=timestep,
-            encoder_hidden_states=text.to(network.dtype),
+            encoder_hidden_states=text.to(dtype),
             return_dict=False,
         )[0]
         return out.to(latents.dtype)
