@@ -1,4 +1,5 @@
-"""The ``sp-grpo`` command: LightningCLI's ``fit`` / ``validate`` plus ``score`` for a folder of videos.
+"""The ``sp-grpo`` command: LightningCLI's ``fit`` / ``validate``, ``score`` for a folder of videos, and
+``sample`` / ``export`` for a trained checkpoint (:mod:`sp_grpo.sample`, :mod:`sp_grpo.export`).
 
 Every setting is an ``__init__`` argument of :class:`~sp_grpo.SelfPacedGRPO`,
 :class:`~sp_grpo.data.PromptDataModule`, a policy, a reward or a callback; LightningCLI reads the
@@ -149,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         from sp_grpo.scoring import score_main
 
         return score_main(args[1:])
+    if args and args[0] == "export":
+        from sp_grpo.export import export_main
+
+        return export_main(args[1:])
+    if args and args[0] == "sample":
+        from sp_grpo.sample import sample_main
+
+        return sample_main(args[1:])
     try:
         # Given no list, LightningCLI reads sys.argv itself (and warns when given both).
         cli_main(None if argv is None else args)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers import ModelMixin  # noqa: F401 - see below
 from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 
@@ -35,6 +36,10 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
 WEAK_CHECKPOINT_DIR = Path(__file__).parent / "checkpoint_weak"
 #: Text tokens per prompt: five words and the end-of-sequence token, with room to spare.
 MAX_SEQUENCE_LENGTH = 8
+# `ModelMixin` is imported above for diffusers: loading a pipeline folder whose model_index.json names
+# ["sp_grpo.toy.model", "ShapesWanTransformer"] (the shipped checkpoint, an `sp-grpo export`), it looks
+# up its loadable base classes in this module. With it, `WanPipeline.from_pretrained(folder, vae=None)`
+# works once sp_grpo.toy is imported.
 
 
 class ShapesWanTransformer(WanTransformer3DModel):
