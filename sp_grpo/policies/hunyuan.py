@@ -210,7 +210,7 @@ class HunyuanVideoPolicy(DiffusersVideoPolicy):
         hidden = hidden[-(self.hidden_layers_to_skip + 1)][:, crop:]
         clip_ids = self.tokenizer_2(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
         pooled = self.text_encoder_2(clip_ids.to(device), output_hidden_states=False).pooler_output
-        dtype = self.transformer.dtype
+        dtype = self._compute_dtype(self.transformer)
         return pack_text(hidden.to(dtype), mask[:, crop:], pooled.to(dtype))
 
     # -- latents and sigmas ---------------------------------------------------------------------

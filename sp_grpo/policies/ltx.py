@@ -188,7 +188,7 @@ class LTXVideoPolicy(DiffusersVideoPolicy):
         device = self.vae.latents_mean.device
         # LTXPipeline runs T5 without the mask and hands the mask to the transformer instead.
         hidden = self.text_encoder(tokens.input_ids.to(device))[0]
-        return pack_text(hidden.to(self.transformer.dtype), tokens.attention_mask.to(device))
+        return pack_text(hidden.to(self._compute_dtype(self.transformer)), tokens.attention_mask.to(device))
 
     # -- latents and sigmas ---------------------------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:

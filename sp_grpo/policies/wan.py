@@ -194,7 +194,7 @@ class WanPolicy(DiffusersVideoPolicy):
         hidden = self.text_encoder(ids, mask).last_hidden_state
         # WanPipeline trims each prompt to its length and zero-pads; multiplying by the mask is the same.
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        return hidden.to(self.transformer.dtype)
+        return hidden.to(self._compute_dtype(self.transformer))
 
     # -- latents and sigmas ---------------------------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
