@@ -20,8 +20,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The demo config keeps no checkpoint; here one ModelCheckpoint is appended so that its result can be
+# sampled and exported afterwards (runs/demo/checkpoints/last.ckpt, replaced by each `make demo`).
+DEMO_CKPT := runs/demo/checkpoints/last.ckpt
+DEMO_PROMPTS := "a red plus moving up" "a green ring moving down" "a blue x moving right" "a yellow square moving left"
+
 demo: $(STAMP)
-	$(BIN)/sp-grpo fit --config configs/demo.yaml
+	$(BIN)/sp-grpo fit --config configs/demo.yaml --trainer.enable_checkpointing true \
+	  --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.dirpath runs/demo/checkpoints \
+	  --trainer.callbacks.save_last true --trainer.callbacks.enable_version_counter false
+	@echo ""
+	@echo "Sample the trained generator on your own prompts (and, without --ckpt, the generator before training):"
+	@echo '  $(BIN)/sp-grpo sample --config configs/demo.yaml --ckpt $(DEMO_CKPT) --prompts $(DEMO_PROMPTS) --out runs/demo/sample_after'
+	@echo '  $(BIN)/sp-grpo sample --config configs/demo.yaml --prompts $(DEMO_PROMPTS) --out runs/demo/sample_before'
+	@echo "Export it as a diffusers WanPipeline folder:"
+	@echo '  $(BIN)/sp-grpo export --config configs/demo.yaml --ckpt $(DEMO_CKPT) --out runs/demo/export'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

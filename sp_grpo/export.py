@@ -128,7 +128,8 @@ def _facts(trained: TrainedPolicy, pipe_cls: type) -> dict[str, Any]:
         "kind": "lora" if lora else "pipeline",
         "pipeline": pipe_cls.__name__,
         "policy": spec.get("class_path"),
-        "base_model": init_args.get("pretrained_path"),
+        # A policy that picks its own default folder (the shapes world's shipped checkpoint) says which.
+        "base_model": init_args.get("pretrained_path") or getattr(policy, "pretrained_path", None),
         "policy_init_args": init_args,
         "transformer_class": f"{type(policy.transformer).__module__}.{type(policy.transformer).__name__}",
         "checkpoint": str(trained.checkpoint_path) if trained.checkpoint_path else None,
@@ -201,13 +202,19 @@ def readme(info: dict[str, Any]) -> str:
     )
     if info["pipeline"] == "HunyuanVideoPipeline":
         call = call.replace("guidance_scale=", "true_cfg_scale=")  # its guidance_scale is the distilled one
-    lines += [f"video = pipe('<your prompt>', {call}).frames[0]", "```", ""]
     if info["pixel_space"]:
+        # No VAE: the "latents" are the RGB frames in [-1, 1], laid out (B, 3, T, H, W).
+        shape = f"(1, 3, {sampler['num_frames']}, {sampler['height']}, {sampler['width']})"
         lines += [
-            "This generator works on pixels (no VAE): call the pipeline with `output_type='latent'` and",
-            "`latents=` noise of shape `(1, 3, frames, height, width)`; the frames are `(output + 1) / 2`.",
+            "import torch",
             "",
+            f"noise = torch.randn({shape}, generator=torch.Generator().manual_seed(0))",
+            f"out = pipe('<your prompt>', latents=noise, output_type='latent', {call}).frames",
+            "video = ((out + 1) / 2).clamp(0, 1)  # pixel space, no VAE: (1, 3, frames, height, width) in [0, 1]",
         ]
+    else:
+        lines.append(f"video = pipe('<your prompt>', {call}).frames[0]")
+    lines += ["```", ""]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from sp_grpo.export import LORA_WEIGHT_NAME, export_main
 from sp_grpo.rollout import sample_ode
+from sp_grpo.toy.model import CHECKPOINT_DIR
 from sp_grpo.trained import build_policy, load_run_config, load_trained_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,6 +232,14 @@ def test_the_shapes_world_generator_exports_and_loads_back(tmp_path, capsys):
     base, _ = library_video(config, None)
     assert (base - ours).abs().max() > 1e-2
     torch.testing.assert_close(theirs, ours, atol=TOLERANCE, rtol=0)
+
+    # The folder's README names the shipped base model and its snippet runs as written.
+    readme = (tmp_path / "shapes/README.md").read_text()
+    assert f"base model: {CHECKPOINT_DIR}" in readme and "300 optimizer steps" in readme
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    scope: dict = {}
+    exec(snippet.replace("<this folder>", str(tmp_path / "shapes")).replace("<your prompt>", PROMPT), scope)
+    assert scope["video"].shape == (1, 3, 4, 16, 16)
 
 
 # -- which weights ----------------------------------------------------------------------------------------

@@ -206,6 +206,8 @@ class ShapesWanPolicy(WanPolicy):
             negative_prompt="",
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
+        #: The folder the weights came from (the shipped checkpoint unless ``pretrained_path`` is given).
+        self.pretrained_path = str(path)
 
 
 __all__ = [
