@@ -57,10 +57,11 @@ class SelfPacedGRPO(L.LightningModule):
         num_minibatches: Optimizer steps per inner epoch; the rollout's samples are split evenly.
         micro_batch_size: (sample, step) pairs per forward/backward; gradients accumulate over a
             minibatch, so this changes memory and speed, not the result. ``"auto"``: the whole
-            minibatch on a CPU; on a GPU the largest number that fits ``micro_batch_memory_gib``,
-            measured on the first update (:class:`~sp_grpo.micro_batch.MicroBatchSizer`). A number wins.
-        micro_batch_memory_gib: With ``micro_batch_size: auto`` on a GPU, the memory one micro-batch's
-            forward and backward pass may use; ``null``: what the GPU has free at the first update.
+            minibatch, or where it does not fit ``micro_batch_memory_gib`` the largest part that
+            does, measured on the first update (:mod:`sp_grpo.micro_batch`). A number wins.
+        micro_batch_memory_gib: The budget of ``micro_batch_size: auto``: on a CPU the activations one
+            micro-batch saves for backward (``null``: 0.25 GiB, what ran fastest); on a GPU the peak
+            memory of its forward and backward pass (``null``: what the GPU has free).
         clip_range: PPO clip range of the probability ratio. Log-probs are per-element means, so
             ratios stay near 1 and small ranges (1e-4 to 1e-2) are usual.
         advantage_scale: Divide centred rewards by the std of their ``"group"``, of the whole
@@ -513,9 +514,15 @@ class SelfPacedGRPO(L.LightningModule):
         sums: dict[str, Tensor] = {}
         log_ratios = []
         start = 0
-        for size in self.micro_batch_sizer.split(
-            len(pairs), self.micro_batch_size, self.device, pending_bytes=self._pending_optimizer_bytes, agree=self._min_over_ranks
-        ):
+        sizes = self.micro_batch_sizer.split(
+            len(pairs),
+            self.micro_batch_size,
+            self.device,
+            probe=lambda count: self.pair_loss(rollout, advantages, pairs[:count]),
+            pending_bytes=self._pending_optimizer_bytes,
+            agree=self._min_over_ranks,
+        )
+        for size in sizes:
             micro = pairs[start : start + size]
             start += size
             out = self.pair_loss(rollout, advantages, micro)

@@ -147,9 +147,13 @@ def test_forwards_per_iteration_with_auto_micro_batch():
     handle = module.policy.transformer.register_forward_pre_hook(
         lambda mod, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
     )
-    module.accumulate_gradients(rollout, group_advantages(torch.rand(4), 2), rollout.train_mask.nonzero())
+    advantages, pairs = group_advantages(torch.rand(4), 2), rollout.train_mask.nonzero()
+    module.accumulate_gradients(rollout, advantages, pairs)
+    assert rows == [2, 2, 4, 4, 24, 24]  # first update: probes of 1 and 2 pairs (reference, policy; x2 rows for guidance)
+    rows.clear()
+    module.accumulate_gradients(rollout, advantages, pairs)
     handle.remove()
-    assert rows == [2 * 12, 2 * 12]  # on a CPU the whole minibatch at once: reference pass, policy pass
+    assert rows == [2 * 12, 2 * 12]  # the tiny model's whole minibatch at once: reference pass, policy pass
 
 
 def test_result_does_not_depend_on_the_micro_batch():
@@ -200,9 +204,9 @@ def test_auto_micro_batch_on_a_gpu_fits_the_stated_budget(monkeypatch):
     fake = _FakeCuda(free=10**12, per_pair=2**30, fixed=0)
     fake.install(monkeypatch)
     sizer = MicroBatchSizer(memory_gib=10.0)
-    assert _drive(sizer, 40, fake) == [1, 2, 10, 10, 10, 7]  # probes of 1 and 2, then 10 GiB / 1 GiB per pair
+    assert _drive(sizer, 40, fake) == [1, 2, 10, 9, 9, 9]  # probes of 1 and 2, then at most 10 GiB / 1 GiB, evenly
     assert sizer.bytes_per_pair == 2**30
-    assert _drive(sizer, 25, fake) == [10, 10, 5]  # measured once per run
+    assert _drive(sizer, 25, fake) == [9, 8, 8]  # measured once per run
     assert list(sizer.split(25, 4, torch.device("cuda", 0))) == [4, 4, 4, 4, 4, 4, 1]  # a number wins
 
 
@@ -210,14 +214,27 @@ def test_auto_micro_batch_on_a_gpu_uses_free_memory_less_optimizer_states_and_ag
     fake = _FakeCuda(free=20 * 2**30, per_pair=2**30, fixed=0)
     fake.install(monkeypatch)
     sizes = _drive(MicroBatchSizer(), 40, fake, pending_bytes=lambda: 2 * 2**30, agree=lambda size: min(size, 12))
-    assert sizes[:2] == [1, 2] and set(sizes[2:-1]) == {12}  # 0.9 * 20 - 2 = 16 GiB -> 16 pairs; another rank says 12
+    assert sizes == [1, 2, 10, 9, 9, 9]  # 0.9 * 20 - 2 = 16 GiB -> 16 pairs; another rank says 12; 37 in 4 even parts
     fake_small = _FakeCuda(free=2**30, per_pair=2**30, fixed=0)
     fake_small.install(monkeypatch)
     assert _drive(MicroBatchSizer(), 5, fake_small)[2:] == [1, 1]  # never below one pair
 
 
-def test_auto_micro_batch_on_a_cpu_is_the_whole_minibatch():
-    assert list(MicroBatchSizer().split(37, "auto", torch.device("cpu"))) == [37]
+def test_auto_micro_batch_on_a_cpu_measures_saved_activations():
+    weight = torch.randn(64, 64, requires_grad=True)
+    calls = []
+
+    def probe(pairs):  # saves the input and 4 tanh outputs (each the next matmul's input): 5 x 256 bytes per pair
+        calls.append(pairs)
+        x = torch.randn(pairs, 64)
+        for _ in range(4):
+            x = torch.tanh(x @ weight)
+        return x
+
+    sizer = MicroBatchSizer(memory_gib=40 * 1024 / 2**30)  # 40 KiB
+    assert list(sizer.split(100, "auto", torch.device("cpu"), probe=probe)) == [25, 25, 25, 25]  # at most 32, evenly
+    assert calls == [1, 2] and sizer.bytes_per_pair == 1280  # the weight, saved by both probes, cancels
+    assert list(MicroBatchSizer().split(37, "auto", torch.device("cpu"), probe=probe)) == [37]  # fits 0.25 GiB: whole
 
 
 @pytest.mark.parametrize(
