@@ -13,7 +13,16 @@ only in what sets the reward weights:
   the last 50 batches after 10);
 * ``self_paced``: :class:`~sp_grpo.callbacks.SelfPacedCurriculum` with the demo's settings;
 * ``static_equal_sum`` (not run by default): equal weights with the paper's aggregation, to tell
-  the paper's weights from its aggregation.
+  the paper's weights from its aggregation;
+* ``self_paced_strict`` (not run by default): the curriculum with growing strictness (the graded
+  shapes rewards start coarse: semantic credit as the mean of colour, shape and direction, the
+  fidelity tolerance loose; each tightens by 0.5 when its aspect becomes competent);
+* ``static_attr`` (not run by default): equal static weights on the coarse semantic reward (the mean
+  of per-attribute credit), the fair static baseline for ``self_paced_strict``.
+
+Results record ``competence: "v2"`` for curriculum arms run with the redesigned competence (a gain
+over each prompt's own first score that must clear its standard error); earlier ``self_paced``
+rows used the first design (the batch mean against the run's start).
 
 ``--start weak`` runs from ``sp_grpo/toy/checkpoint_weak/`` (an earlier checkpoint of the
 pre-training, see the README) instead of the shipped one. ``--set key=value`` overrides a value
@@ -42,7 +51,7 @@ from ablation_report import report
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 ARMS = ("static_equal", "semantic_only", "paper_literal", "paper_calibrated", "self_paced")
-EXTRA_ARMS = ("static_equal_sum",)
+EXTRA_ARMS = ("static_equal_sum", "self_paced_strict", "static_attr")
 #: Iterations averaged at the start and at the end of training for the training-reward change.
 TRAIN_WINDOW = 20
 
@@ -99,6 +108,13 @@ def _weights_callback(arm: str, config: dict) -> tuple[Any, dict]:
         "paper_calibrated": lambda: (GroupRewardWeighting(calibrate=True, beta=0.3, slope=1.0), paper),
         "self_paced": lambda: (SelfPacedCurriculum(**{**_curriculum_args(config), "plot_filename": None}), {}),
         "static_equal_sum": lambda: (StaticWeights(equal), paper),
+        "self_paced_strict": lambda: (
+            SelfPacedCurriculum(
+                **{**_curriculum_args(config), "plot_filename": None, "strictness_step": 0.5, "strictness_start": 0.0}
+            ),
+            {},
+        ),
+        "static_attr": lambda: (StaticWeights(equal), {}),
     }
     if arm not in arms:
         raise ValueError(f"unknown arm {arm!r}; choose from {list(arms)}.")
@@ -175,7 +191,9 @@ def run_arm(
     if start == "weak":
         policy_args["pretrained_path"] = str(WEAK_CHECKPOINT_DIR)
     policy = ShapesWanPolicy(**policy_args)
-    rewards = RewardSet({"fidelity": ShapesFidelity(), "temporal": ShapesTemporal(), "semantic": ShapesSemantic()})
+    # The coarse semantic reward (mean of per-attribute credit) for the static baseline of the strictness arm.
+    semantic = ShapesSemantic(strictness=0.0 if arm == "static_attr" else 1.0)
+    rewards = RewardSet({"fidelity": ShapesFidelity(), "temporal": ShapesTemporal(), "semantic": semantic})
     pl.seed_everything(seed, verbose=False)
     module = SelfPacedGRPO(
         policy, rewards, sampler=SamplerConfig(**config["model"]["sampler"]), **{**model_args, **module_settings, "seed": seed}
@@ -210,6 +228,10 @@ def run_arm(
         "curve": {str(s): {m: gold.results[s][m] for m in ("all_correct", "cleanliness")} for s in steps},
         "train": training.summary(),
     }
+    if arm.startswith("self_paced"):
+        result["competence"] = "v2"
+        result["final_weights"] = dict(module.reward_weights)
+        result["final_strictness"] = weights.current_strictness()
     if val_seeds:
         result["val_after"] = GoldEvaluation(prompts=prompts_for_split("val"), seeds=val_seeds, filename=None, verbose=False).evaluate(module)
     return result

@@ -4,9 +4,11 @@ The curriculum moves the reward's emphasis through the aspects in order
 ``fidelity -> temporal -> semantic`` as the generator becomes competent at each. It has three
 replaceable parts, each a pure function here:
 
-1. :func:`update_competence` folds one batch of per-aspect rewards into a :class:`CompetenceState`
-   (reference statistics, an EMA of the normalised level, of its improvement and of the
-   within-group spread), and :func:`competence` reads a competence in ``[0, 1]`` per aspect off it.
+1. :func:`~sp_grpo.functional.competence.update_competence` folds one batch of per-aspect rewards
+   into a :class:`~sp_grpo.functional.competence.CompetenceState`, and
+   :func:`~sp_grpo.functional.competence.competence` reads a competence in ``[0, 1]`` per aspect off
+   it: a gain that clears its own noise, a level, or saturation (see
+   :mod:`sp_grpo.functional.competence`; re-exported here).
 2. :func:`unlock_progress` maps competence to how far each aspect is unlocked, through a smooth
    gate (:data:`GATES`).
 3. :func:`stage_weights` maps unlock progress to reward weights: non-negative, summing to 1, with a
@@ -18,11 +20,12 @@ flat prompt-major rewards of a batch of ``P`` prompts with ``G`` samples each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
 from typing import Callable, Literal
 
 import torch
 from torch import Tensor
+
+from sp_grpo.functional.competence import CompetenceState, competence, reset_aspects, update_competence
 
 #: The reward aspects in curriculum order.
 ASPECTS: tuple[str, ...] = ("fidelity", "temporal", "semantic")
@@ -139,198 +142,6 @@ def group_informativeness(rewards: Tensor, group_size: int, eps: float = 1e-8) -
     spread = group_spread(rewards, group_size)
     pooled = spread.pow(2).mean().sqrt()
     return (spread / (pooled + eps)).clamp(max=1.0)
-
-
-@dataclass(frozen=True)
-class CompetenceState:
-    """Running statistics behind the competence of ``K`` aspects. Every tensor has shape ``(K,)``.
-
-    Attributes:
-        steps: Number of batches folded in so far.
-        ref_mean: Mean reward over the warm-up batches (the starting level).
-        ref_std: Root-mean batch variance over the warm-up batches (the unit of progress).
-        ref_spread: Mean pooled within-group spread over the warm-up batches.
-        level: EMA of the normalised level :math:`z_t = (\\bar r_t - \\mu_0) / \\sigma_0`.
-        trend: EMA of the per-step change of ``level`` (improvement, in :math:`\\sigma_0` per step).
-        spread: EMA of the pooled within-group spread.
-    """
-
-    steps: int
-    ref_mean: Tensor
-    ref_std: Tensor
-    ref_spread: Tensor
-    level: Tensor
-    trend: Tensor
-    spread: Tensor
-
-    @classmethod
-    def initial(cls, num_aspects: int) -> "CompetenceState":
-        """The state before any batch: all statistics zero.
-
-        Args:
-            num_aspects: ``K``.
-
-        Returns:
-            A fresh state.
-        """
-        zeros = torch.zeros(num_aspects, dtype=torch.float32)
-        return cls(0, zeros, zeros, zeros, zeros, zeros, zeros)
-
-    def to_dict(self) -> dict[str, int | list[float]]:
-        """Plain Python values (for checkpoints and logs)."""
-        out: dict[str, int | list[float]] = {"steps": self.steps}
-        for f in fields(self):
-            if f.name != "steps":
-                out[f.name] = getattr(self, f.name).tolist()
-        return out
-
-    @classmethod
-    def from_dict(cls, state: dict) -> "CompetenceState":
-        """Inverse of :meth:`to_dict`.
-
-        Args:
-            state: A dict written by :meth:`to_dict`.
-
-        Returns:
-            The state.
-        """
-        return cls(
-            steps=int(state["steps"]),
-            **{
-                f.name: torch.as_tensor(state[f.name], dtype=torch.float32)
-                for f in fields(cls)
-                if f.name != "steps"
-            },
-        )
-
-
-def update_competence(
-    state: CompetenceState,
-    rewards: Tensor,
-    group_size: int,
-    decay: float = 0.9,
-    warmup_steps: int = 20,
-) -> CompetenceState:
-    """Fold one batch of per-aspect rewards into the competence statistics.
-
-    The first ``warmup_steps`` batches only calibrate the reference: the starting mean
-    :math:`\\mu_0`, the unit :math:`\\sigma_0` (batch std) and the starting within-group spread
-    :math:`\\varsigma_0`, each a running average over those batches. Afterwards, with batch mean
-    :math:`\\bar r_t`, pooled within-group spread :math:`s_t` and :math:`\\beta` = ``decay``:
-
-    .. math:: z_t = (\\bar r_t - \\mu_0) / \\sigma_0
-
-    .. math:: L_t = \\beta L_{t-1} + (1 - \\beta) z_t
-
-    .. math:: D_t = \\beta D_{t-1} + (1 - \\beta)(L_t - L_{t-1})
-
-    .. math:: S_t = \\beta S_{t-1} + (1 - \\beta) s_t, \\quad S_{\\text{warm-up}} = \\varsigma_0
-
-    Normalising by the run's own start makes one setting work for rewards of any scale.
-
-    Args:
-        state: Statistics so far.
-        rewards: This batch's per-aspect rewards, shape ``(K, P*G)``; under several processes pass
-            the rewards of all ranks.
-        group_size: Samples per prompt ``G``.
-        decay: EMA factor :math:`\\beta \\in [0, 1)`; the EMA averages over about
-            :math:`1 / (1 - \\beta)` batches.
-        warmup_steps: Batches that calibrate the reference before competence can grow (at least 1).
-
-    Returns:
-        The new state (the input is not modified).
-
-    Raises:
-        ValueError: If shapes disagree with the state or the settings are out of range.
-    """
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"`decay` ({decay}) must be in [0, 1): it is the EMA factor; 0.9 averages ~10 batches.")
-    if warmup_steps < 1:
-        raise ValueError(f"`warmup_steps` ({warmup_steps}) must be at least 1: the reference needs one batch.")
-    if rewards.dim() != 2 or rewards.shape[0] != state.level.shape[0]:
-        raise ValueError(
-            f"`rewards` must have shape (K={state.level.shape[0]}, P*G) to match the state, got "
-            f"{tuple(rewards.shape)}; stack one row per aspect in curriculum order."
-        )
-    grouped = _grouped(rewards.detach().cpu(), group_size)  # (K, P, G), fp32
-    mean = grouped.mean(dim=(1, 2))
-    var = grouped.var(dim=(1, 2), correction=0)
-    spread = grouped.var(dim=2, correction=0).mean(dim=1).sqrt()
-    steps = state.steps + 1
-
-    if steps <= warmup_steps:
-        # Running averages of the calibration batches; variances average, not stds.
-        frac = 1.0 / steps
-        ref_var = state.ref_std.pow(2) + frac * (var - state.ref_std.pow(2))
-        ref_spread = state.ref_spread + frac * (spread - state.ref_spread)
-        return replace(
-            state,
-            steps=steps,
-            ref_mean=state.ref_mean + frac * (mean - state.ref_mean),
-            ref_std=ref_var.sqrt(),
-            ref_spread=ref_spread,
-            spread=ref_spread,
-        )
-
-    z = (mean - state.ref_mean) / state.ref_std.clamp(min=1e-6)
-    level = decay * state.level + (1.0 - decay) * z
-    return replace(
-        state,
-        steps=steps,
-        level=level,
-        trend=decay * state.trend + (1.0 - decay) * (level - state.level),
-        spread=decay * state.spread + (1.0 - decay) * spread,
-    )
-
-
-def competence(
-    state: CompetenceState,
-    target_gain: float = 1.0,
-    stall_slope: float = 0.01,
-    warmup_steps: int = 20,
-) -> Tensor:
-    """Competence per aspect in ``[0, 1]``: mastered by improvement, or saturated.
-
-    An aspect is competent when its level rose by ``target_gain`` reference stds (mastery
-    :math:`m`), or when its within-group spread has shrunk while the level no longer improves
-    (plateau :math:`q`): then its groups carry little advantage signal and staying on it
-    teaches little.
-
-    .. math:: m = \\mathrm{clip}(L / g^*, 0, 1)
-
-    .. math:: a = \\mathrm{clip}(1 - S / \\varsigma_0, 0, 1), \\quad
-              q = a \\cdot \\mathrm{clip}(1 - D / d^*, 0, 1)
-
-    .. math:: c = \\max(m, q)
-
-    with :math:`g^*` = ``target_gain`` and :math:`d^*` = ``stall_slope``. Competence is 0 during
-    warm-up and for an aspect whose reference spread is 0 (no spread to shrink).
-
-    Args:
-        state: Statistics from :func:`update_competence`.
-        target_gain: Improvement, in reference stds, that counts as mastery (> 0). Smaller is a
-            faster curriculum.
-        stall_slope: Improvement per step, in reference stds, below which the level counts as
-            stalled (> 0).
-        warmup_steps: The same value given to :func:`update_competence`.
-
-    Returns:
-        Competence, shape ``(K,)``, fp32.
-
-    Raises:
-        ValueError: If ``target_gain`` or ``stall_slope`` is not positive.
-    """
-    if target_gain <= 0:
-        raise ValueError(f"`target_gain` ({target_gain}) must be positive: it is the improvement that counts as mastery.")
-    if stall_slope <= 0:
-        raise ValueError(f"`stall_slope` ({stall_slope}) must be positive: it is the slope below which progress stalls.")
-    if state.steps <= warmup_steps:
-        return torch.zeros_like(state.level)
-    mastery = (state.level / target_gain).clamp(0.0, 1.0)
-    has_spread = state.ref_spread > 1e-8
-    shrink = torch.where(has_spread, 1.0 - state.spread / state.ref_spread.clamp(min=1e-8), 0.0).clamp(0.0, 1.0)
-    stalled = (1.0 - state.trend / stall_slope).clamp(0.0, 1.0)
-    return torch.maximum(mastery, shrink * stalled)
 
 
 def sigmoid_gate(competence: Tensor, threshold: float = 0.7, width: float = 0.2) -> Tensor:

@@ -17,6 +17,7 @@ __all__ = [
     "COLOUR_PROTOTYPES",
     "colour_affinity",
     "find_colours",
+    "margin_credit",
     "linear_head_score",
     "text_video_similarity",
 ]
@@ -109,6 +110,29 @@ def text_video_similarity(frame_embeds: Tensor, text_embeds: Tensor) -> Tensor:
     frames = F.normalize(frame_embeds.float(), dim=-1)
     text = F.normalize(text_embeds.float(), dim=-1)
     return torch.einsum("btd,bd->bt", frames, text).mean(dim=1)
+
+
+def margin_credit(similarity: Tensor, margin: float, temperature: float = 0.01) -> Tensor:
+    """Credit for a similarity above a margin: a smooth hinge, so samples below the margin earn ~0.
+
+    Raising the margin makes an alignment reward stricter: within a GRPO group, samples that only
+    roughly match the prompt stop earning credit, and the advantage goes to those that clear it.
+
+    .. math:: c = \\tau \\log\\big(1 + e^{(s - m) / \\tau}\\big)
+
+    Args:
+        similarity: ``(B,)`` similarities.
+        margin: :math:`m`.
+        temperature: :math:`\\tau > 0`, the width of the hinge's bend.
+
+    Returns:
+        ``(B,)`` fp32 credits, non-negative and increasing in ``similarity``.
+
+    Example:
+        >>> margin_credit(torch.tensor([0.1, 0.3, 0.5]), margin=0.3, temperature=1e-4).round(decimals=3)
+        tensor([0.0000, 0.0000, 0.2000])
+    """
+    return temperature * F.softplus((similarity.float() - margin) / temperature)
 
 
 def linear_head_score(embeds: Tensor, layers: Sequence[tuple[Tensor, Tensor]], normalize: bool = True) -> Tensor:

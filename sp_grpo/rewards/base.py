@@ -71,6 +71,10 @@ class VideoReward(nn.Module):
             negates scores with ``False`` before aggregating.
         is_differentiable: whether gradients flow from the score to the pixels.
         min_frames: the fewest frames :meth:`score` can work with (after subsampling).
+        graded: whether the reward has graded strictness, :attr:`strictness` in ``[0, 1]`` (0 coarse,
+            1 strict), which a curriculum raises through :meth:`set_strictness` as the generator
+            becomes competent. A graded subclass takes ``strictness`` in ``__init__`` and reads
+            ``self.strictness`` in :meth:`score`.
 
     Args:
         num_frames: keep at most this many evenly spaced frames; ``None`` keeps all.
@@ -93,6 +97,7 @@ class VideoReward(nn.Module):
     higher_is_better: ClassVar[bool] = True
     is_differentiable: ClassVar[bool] = False
     min_frames: ClassVar[int] = 1
+    graded: ClassVar[bool] = False
 
     def __init__(self, *, num_frames: int | None = None, frame_stride: int | None = None) -> None:
         super().__init__()
@@ -113,6 +118,23 @@ class VideoReward(nn.Module):
             )
         self.num_frames = num_frames
         self.frame_stride = frame_stride
+
+    def set_strictness(self, value: float) -> None:
+        """Set how strict a graded reward is: 0 coarse, 1 strict.
+
+        Args:
+            value: Strictness in ``[0, 1]``.
+
+        Raises:
+            TypeError: If the reward is not graded.
+            ValueError: If ``value`` is outside ``[0, 1]``.
+        """
+        name = type(self).__name__
+        if not self.graded:
+            raise TypeError(f"{name} has no graded strictness (`graded` is False); only graded rewards can be tightened.")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name}: strictness ({value}) must be in [0, 1]: 0 is coarse, 1 strict.")
+        self.strictness = float(value)
 
     def frame_indices(self, total: int) -> list[int]:
         """Indices of the frames kept out of ``total``.
@@ -176,4 +198,5 @@ class VideoReward(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement `score(videos, prompts)`.")
 
     def extra_repr(self) -> str:
-        return f"aspect={self.aspect!r}, num_frames={self.num_frames}, frame_stride={self.frame_stride}"
+        graded = f", strictness={self.strictness}" if self.graded else ""
+        return f"aspect={self.aspect!r}, num_frames={self.num_frames}, frame_stride={self.frame_stride}{graded}"

@@ -118,6 +118,35 @@ class RewardSet(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._warn_unshared_subsampling()
 
+    @property
+    def graded_aspects(self) -> list[str]:
+        """Aspects with at least one graded reward (see :attr:`VideoReward.graded`), in curriculum order."""
+        return [a for a in self.aspects if any(r.graded and r.aspect == a for r in self.rewards.values())]
+
+    @property
+    def strictness(self) -> dict[str, float]:
+        """Aspect -> strictness of its graded rewards (the largest, if they differ)."""
+        return {
+            a: max(r.strictness for r in self.rewards.values() if r.graded and r.aspect == a)
+            for a in self.graded_aspects
+        }
+
+    def set_strictness(self, strictness: Mapping[str, float]) -> None:
+        """Set the strictness of every graded reward of the given aspects.
+
+        Args:
+            strictness: Aspect -> strictness in ``[0, 1]``; aspects without a graded reward are ignored.
+
+        Raises:
+            ValueError: If an aspect is unknown or a value is outside ``[0, 1]``.
+        """
+        unknown = sorted(set(strictness) - set(ASPECTS))
+        if unknown:
+            raise ValueError(f"RewardSet.set_strictness: unknown aspects {unknown}; allowed: {list(ASPECTS)}.")
+        for reward in self.rewards.values():
+            if reward.graded and reward.aspect in strictness:
+                reward.set_strictness(strictness[reward.aspect])
+
     def _shared_models(self) -> list[SharedModel]:
         return [m for m in self.modules() if isinstance(m, SharedModel)]
 

@@ -12,7 +12,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sp_grpo.functional.semantic import COLOUR_PROTOTYPES, colour_affinity, find_colours, text_video_similarity
+from sp_grpo.functional.semantic import (
+    COLOUR_PROTOTYPES,
+    colour_affinity,
+    find_colours,
+    margin_credit,
+    text_video_similarity,
+)
 from sp_grpo.rewards.backbones import Backbone, resolve_backbone
 from sp_grpo.rewards.base import ASPECTS, Aspect, VideoReward
 from sp_grpo.rewards.judges import VideoJudge
@@ -91,23 +97,65 @@ class TextVideoAlignment(VideoReward):
     See :func:`~sp_grpo.functional.semantic.text_video_similarity`. Unlike torchmetrics' CLIPScore
     (a batch mean), this keeps one score per video, which GRPO needs.
 
+    Graded when ``margin`` is set: the score becomes the credit above a similarity margin
+    (:func:`~sp_grpo.functional.semantic.margin_credit`) that rises linearly from ``margin[0]`` at
+    strictness 0 to ``margin[1]`` at strictness 1, so a curriculum can ask for closer alignment as
+    the generator improves. Pick the margins from the similarities your backbone gives the
+    training prompts (CLIP ViT-L/14 cosine similarities of matching pairs are typically 0.2-0.35).
+
     Args:
         backbone: a :class:`~sp_grpo.rewards.backbones.Backbone` or a local CLIP/SigLIP directory.
+        margin: ``(coarse, strict)`` similarity margins, or ``None`` for the plain similarity.
+        strictness: in ``[0, 1]``, used with ``margin``.
+        margin_temperature: width of the hinge's bend (see ``margin_credit``).
         num_frames: see :class:`~sp_grpo.rewards.VideoReward`.
         frame_stride: see :class:`~sp_grpo.rewards.VideoReward`.
+
+    Raises:
+        ValueError: If ``margin`` is not two increasing values, or ``strictness`` / ``margin_temperature``
+            are out of range.
     """
 
     aspect = "semantic"
     higher_is_better = True
 
     def __init__(
-        self, backbone: Backbone | str, *, num_frames: int | None = 8, frame_stride: int | None = None
+        self,
+        backbone: Backbone | str,
+        margin: tuple[float, float] | None = None,
+        strictness: float = 0.0,
+        margin_temperature: float = 0.01,
+        *,
+        num_frames: int | None = 8,
+        frame_stride: int | None = None,
     ) -> None:
         super().__init__(num_frames=num_frames, frame_stride=frame_stride)
+        if margin is not None and (len(margin) != 2 or not margin[0] <= margin[1]):
+            raise ValueError(
+                f"TextVideoAlignment: `margin` ({margin}) must be two similarities (coarse, strict) with coarse <= strict."
+            )
+        if not 0.0 <= strictness <= 1.0:
+            raise ValueError(f"TextVideoAlignment: `strictness` ({strictness}) must be in [0, 1].")
+        if margin_temperature <= 0:
+            raise ValueError(f"TextVideoAlignment: `margin_temperature` ({margin_temperature}) must be positive, e.g. 0.01.")
         self.backbone = resolve_backbone(backbone)
+        self.margin = None if margin is None else (float(margin[0]), float(margin[1]))
+        self.graded = margin is not None
+        self.strictness = float(strictness)
+        self.margin_temperature = margin_temperature
+
+    @property
+    def current_margin(self) -> float | None:
+        """The similarity margin at the current strictness, or ``None`` when not graded."""
+        if self.margin is None:
+            return None
+        return self.margin[0] + self.strictness * (self.margin[1] - self.margin[0])
 
     def score(self, videos: Tensor, prompts: list[str]) -> Tensor:
-        return text_video_similarity(self.backbone.embed_video(videos), self.backbone.embed_text(prompts))
+        similarity = text_video_similarity(self.backbone.embed_video(videos), self.backbone.embed_text(prompts))
+        if self.margin is None:
+            return similarity
+        return margin_credit(similarity, self.current_margin, self.margin_temperature)
 
 
 class JudgeReward(VideoReward):

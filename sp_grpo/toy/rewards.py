@@ -21,6 +21,8 @@ from sp_grpo.toy.world import CELL, COLOURS, DIRECTIONS, parse_prompt
 
 #: Pixel colour error (L-infinity) at which a pixel scores 0 in :func:`pixel_purity`.
 PURITY_TOLERANCE = 0.25
+#: The tolerance :class:`ShapesFidelity` tightens to at strictness 1.
+STRICT_PURITY_TOLERANCE = 0.1
 
 
 def pixel_purity(videos: Tensor, tolerance: float = PURITY_TOLERANCE) -> Tensor:
@@ -38,7 +40,7 @@ def pixel_purity(videos: Tensor, tolerance: float = PURITY_TOLERANCE) -> Tensor:
     return (1.0 - palette_distance(videos) / tolerance).clamp(min=0.0).mean(dim=(1, 2, 3))
 
 
-def fidelity_score(videos: Tensor) -> Tensor:
+def fidelity_score(videos: Tensor, tolerance: float = PURITY_TOLERANCE) -> Tensor:
     """Clean frames with one solid object: purity times, per frame, solidity and presence.
 
     With object area :math:`a_t` and largest 8-connected component :math:`\\ell_t`; an object of at
@@ -49,13 +51,14 @@ def fidelity_score(videos: Tensor) -> Tensor:
 
     Args:
         videos: ``(B, T, 3, H, W)`` in ``[0, 1]``.
+        tolerance: Pixel colour error at which a pixel's purity is 0 (see :func:`pixel_purity`).
 
     Returns:
         ``(B,)`` fp32 in ``[0, 1]``; an empty video scores 0.
     """
     area, largest = component_stats(object_masks(videos))
     solid = largest / area.clamp(min=1.0) * (largest / CELL**2).clamp(max=1.0)
-    return pixel_purity(videos) * solid.mean(dim=1)
+    return pixel_purity(videos, tolerance) * solid.mean(dim=1)
 
 
 def temporal_score(videos: Tensor) -> Tensor:
@@ -93,11 +96,18 @@ def temporal_score(videos: Tensor) -> Tensor:
     return all_present * (consistency + smoothness + motion) / 3.0
 
 
-def semantic_score(videos: Tensor, prompts: list[str], temperature: float = 0.05) -> Tensor:
-    """Colour, shape and direction of the object against the prompt; the product of three terms.
+def semantic_score(
+    videos: Tensor, prompts: list[str], temperature: float = 0.05, strictness: float = 1.0
+) -> Tensor:
+    """Colour, shape and direction of the object against the prompt; from a sum to a product.
 
-    A product, like the gold all-three-correct rate, so the weakest attribute sets the score and a
-    policy cannot trade one attribute for another.
+    Strict (``strictness`` 1): the product of the three terms, like the gold all-three-correct rate,
+    so the weakest attribute sets the score and a policy cannot trade one attribute for another.
+    Coarse (``strictness`` 0): their mean, so each attribute earns credit on its own. In between,
+    with :math:`\\kappa` = ``strictness``:
+
+    .. math:: s = (1 - \\kappa)\\,\\tfrac13 (s_{colour} + s_{shape} + s_{direction})
+              + \\kappa\\, s_{colour} s_{shape} s_{direction}
 
     Colour: :math:`1 - \\|\\bar c - c^*\\|_\\infty` of the mean object colour. Shape: the softmax
     probability of the prompt's glyph among all glyphs, from their best IoU per frame at
@@ -106,12 +116,11 @@ def semantic_score(videos: Tensor, prompts: list[str], temperature: float = 0.05
 
     .. math:: s_{shape} = \\tfrac{1}{T} \\textstyle\\sum_t \\mathrm{softmax}_s(\\mathrm{IoU}_{t,s} / \\tau)_{s^*}
 
-    .. math:: s = s_{colour} \\, s_{shape} \\, s_{direction}
-
     Args:
         videos: ``(B, T, 3, H, W)`` in ``[0, 1]``.
         prompts: ``B`` prompts of the shapes grammar.
         temperature: :math:`\\tau` of the shape softmax.
+        strictness: :math:`\\kappa \\in [0, 1]`.
 
     Returns:
         ``(B,)`` fp32 in ``[0, 1]``.
@@ -132,16 +141,43 @@ def semantic_score(videos: Tensor, prompts: list[str], temperature: float = 0.05
     step = (xy[:, -1] - xy[:, 0]) / max(videos.shape[1] - 1, 1)
     unit = torch.tensor(list(DIRECTIONS.values()), device=videos.device, dtype=torch.float32)[truth[:, 2]]
     direction = ((step * unit).sum(dim=1) / CELL).clamp(0.0, 1.0) * both
-    return colour * shape * direction
+    coarse = (colour + shape + direction) / 3.0
+    return (1.0 - strictness) * coarse + strictness * (colour * shape * direction)
+
+
+def _check_strictness(name: str, strictness: float) -> float:
+    if not 0.0 <= strictness <= 1.0:
+        raise ValueError(f"{name}: `strictness` ({strictness}) must be in [0, 1]: 0 is coarse, 1 strict.")
+    return float(strictness)
 
 
 class ShapesFidelity(VideoReward):
-    """Fidelity of a shapes-world video: clean pixels, one solid object (:func:`fidelity_score`)."""
+    """Fidelity of a shapes-world video: clean pixels, one solid object (:func:`fidelity_score`).
+
+    Graded: the pixel purity tolerance tightens linearly from :data:`PURITY_TOLERANCE` (strictness 0)
+    to :data:`STRICT_PURITY_TOLERANCE` (strictness 1), so off-palette pixels cost more.
+
+    Args:
+        strictness: In ``[0, 1]``; a curriculum may raise it during training.
+
+    Raises:
+        ValueError: If ``strictness`` is outside ``[0, 1]``.
+    """
 
     aspect = "fidelity"
+    graded = True
+
+    def __init__(self, strictness: float = 0.0) -> None:
+        super().__init__()
+        self.strictness = _check_strictness(type(self).__name__, strictness)
+
+    @property
+    def tolerance(self) -> float:
+        """The purity tolerance at the current strictness."""
+        return PURITY_TOLERANCE + self.strictness * (STRICT_PURITY_TOLERANCE - PURITY_TOLERANCE)
 
     def score(self, videos: Tensor, prompts: list[str]) -> Tensor:
-        return fidelity_score(videos)
+        return fidelity_score(videos, self.tolerance)
 
 
 class ShapesTemporal(VideoReward):
@@ -157,28 +193,35 @@ class ShapesTemporal(VideoReward):
 class ShapesSemantic(VideoReward):
     """Alignment with the prompt: colour, shape and direction (:func:`semantic_score`).
 
+    Graded: strictness 0 gives each attribute its own credit (their mean), strictness 1 the product
+    (the default, and what the gold evaluation asks for).
+
     Args:
         temperature: Softmax temperature of the shape term; lower is sharper.
+        strictness: In ``[0, 1]``; a curriculum may raise it during training.
 
     Raises:
-        ValueError: If ``temperature`` is not positive.
+        ValueError: If ``temperature`` is not positive or ``strictness`` outside ``[0, 1]``.
     """
 
     aspect = "semantic"
     min_frames = 2
+    graded = True
 
-    def __init__(self, temperature: float = 0.05) -> None:
+    def __init__(self, temperature: float = 0.05, strictness: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"`temperature` ({temperature}) must be positive, e.g. 0.05.")
         self.temperature = temperature
+        self.strictness = _check_strictness(type(self).__name__, strictness)
 
     def score(self, videos: Tensor, prompts: list[str]) -> Tensor:
-        return semantic_score(videos, prompts, self.temperature)
+        return semantic_score(videos, prompts, self.temperature, self.strictness)
 
 
 __all__ = [
     "PURITY_TOLERANCE",
+    "STRICT_PURITY_TOLERANCE",
     "ShapesFidelity",
     "ShapesSemantic",
     "ShapesTemporal",

@@ -118,8 +118,8 @@ def test_callback_matches_the_functional_maths(tmp_path):
     progress = unlock_progress(torch.zeros(3), threshold=0.7)
     for out, record in zip(capture.outputs, curriculum.history):
         rewards = torch.stack([out["aspect_rewards"][a] for a in ASPECTS])
-        state = update_competence(state, rewards, 4, decay=0.8, warmup_steps=5)
-        progress = ratchet(progress, unlock_progress(competence(state, warmup_steps=5), threshold=0.7))
+        state = update_competence(state, rewards, 4, out["prompts"], decay=0.8, warmup_steps=5)
+        progress = ratchet(progress, unlock_progress(competence(state, warmup_steps=5, decay=0.8), threshold=0.7))
         assert list(record["weights"].values()) == pytest.approx(stage_weights(progress).tolist(), abs=1e-6)
 
 
@@ -205,6 +205,12 @@ def test_static_weights_errors(weights, match):
         ({"warmup_steps": 0}, r"`warmup_steps` \(0\) must be at least 1"),
         ({"target_gain": 0.0}, r"`target_gain` \(0.0\) must be positive"),
         ({"stall_slope": 0.0}, r"`stall_slope` \(0.0\) must be positive"),
+        ({"significance": 1.0}, r"`significance` \(1.0\) must be above 1"),
+        ({"saturation": 0.0}, r"`saturation` \(0.0\) must be in \(0, 1\]"),
+        ({"targets": {"motion": 0.5}}, r"`targets` has unknown aspects \['motion'\]"),
+        ({"strictness_step": 0.0}, r"`strictness_step` \(0.0\) must be in \(0, 1\]"),
+        ({"strictness_start": 1.5}, r"`strictness_start` \(1.5\) must be in \[0, 1\]"),
+        ({"max_prompts": 0}, r"`max_prompts` \(0\) must be at least 1"),
         ({"gate": "step"}, r"`gate` \('step'\) must be one of \['sigmoid', 'smoothstep'\]"),
         ({"threshold": 0.0}, r"`threshold` \(0.0\) must be in \(0, 1\)"),
         ({"width": -0.1}, r"`width` \(-0.1\) must be positive"),
@@ -300,8 +306,9 @@ def test_two_processes_use_identical_weights(tmp_path, monkeypatch):
             [0.3 + skill[:, None] + 0.1 * torch.randn(3, 16, generator=torch.Generator().manual_seed(10_000 * r + step)) for r in (0, 1)],
             dim=1,
         )
-        state = update_competence(state, rewards, 4, decay=0.8, warmup_steps=5)
-        progress = ratchet(progress, unlock_progress(competence(state, warmup_steps=5), threshold=0.7))
+        prompts = [f"prompt {(step * 4 + p) % 7}" for p in range(4) for _ in range(4)] * 2  # rank 0, then rank 1
+        state = update_competence(state, rewards, 4, prompts, decay=0.8, warmup_steps=5)
+        progress = ratchet(progress, unlock_progress(competence(state, warmup_steps=5, decay=0.8), threshold=0.7))
         assert list(record["weights"].values()) == pytest.approx(stage_weights(progress).tolist(), abs=1e-5)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sp_grpo.functional.semantic import COLOUR_PROTOTYPES, find_colours, text_video_similarity
+from sp_grpo.functional.semantic import COLOUR_PROTOTYPES, find_colours, margin_credit, text_video_similarity
 from sp_grpo.rewards.backbones import Backbone, resolve_backbone
 from sp_grpo.rewards.judges import CallableJudge, VideoJudge
 from sp_grpo.rewards.semantic import ColorPromptAlignment, JudgeReward, TextVideoAlignment
@@ -65,6 +65,31 @@ def test_matching_prompt_scores_higher_with_tiny_clip_from_disk(tiny_clip_dir, c
         matching = reward(videos, [f"a {n} ball" for n in names])
         mismatching = reward(videos, [f"a {n} ball" for n in names[shift:] + names[:shift]])
         assert (matching > mismatching).all()
+
+
+def test_margin_credit_reference():
+    import math
+
+    sims = torch.tensor([-0.2, 0.1, 0.25, 0.4])
+    expected = [0.02 * math.log1p(math.exp((s - 0.25) / 0.02)) for s in sims.tolist()]
+    assert margin_credit(sims, 0.25, 0.02).tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_alignment_margin_rises_with_strictness(tiny_clip_dir, colour_batch):
+    videos, names = colour_batch
+    prompts = [f"a {n} ball" for n in names]
+    plain = TextVideoAlignment(str(tiny_clip_dir), num_frames=3)(videos, prompts)
+    low, high = plain.min().item(), plain.max().item()
+    graded = TextVideoAlignment(str(tiny_clip_dir), margin=(low - 0.5, high + 0.5), margin_temperature=1e-3, num_frames=3)
+    assert graded.graded and graded.current_margin == pytest.approx(low - 0.5)
+    # Below every similarity: the credit is the similarity above the margin, so the order is kept.
+    assert torch.allclose(graded(videos, prompts), plain - (low - 0.5), atol=1e-3)
+    graded.set_strictness(1.0)  # above every similarity: no sample earns credit
+    assert graded.current_margin == pytest.approx(high + 0.5)
+    assert graded(videos, prompts).max().item() < 1e-6
+    assert not TextVideoAlignment(str(tiny_clip_dir)).graded
+    with pytest.raises(ValueError, match=r"`margin` \(\(0.3, 0.1\)\) must be two similarities"):
+        TextVideoAlignment(str(tiny_clip_dir), margin=(0.3, 0.1))
 
 
 def test_backbone_paths_resolve_to_one_shared_object(tiny_clip_dir):
