@@ -7,6 +7,7 @@ from sp_grpo.rewards.judges import CallableJudge, VideoJudge
 from sp_grpo.rewards.mixture import RewardOutput, RewardSet
 from sp_grpo.rewards.semantic import ColorPromptAlignment, JudgeReward, TextVideoAlignment
 from sp_grpo.rewards.temporal import DynamicDegree, FeatureConsistency, MotionSmoothness, TemporalFlickering
+from sp_grpo.rewards.vlm_judge import FrozenVLM, QwenVLJudge
 
 __all__ = [
     "ASPECTS",
@@ -18,9 +19,11 @@ __all__ = [
     "DynamicDegree",
     "Exposure",
     "FeatureConsistency",
+    "FrozenVLM",
     "JudgeReward",
     "MotionSmoothness",
     "NoiseLevel",
+    "QwenVLJudge",
     "RewardOutput",
     "RewardSet",
     "SharedModel",

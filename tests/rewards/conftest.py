@@ -68,3 +68,58 @@ def tiny_clip_dir(tmp_path_factory):
 def colour_batch():
     """Three held-out colour videos (3, T, 3, 32, 32) and their colour names, in the same order."""
     return torch.stack([colour_video(rgb, seed=123) for rgb in COLOURS.values()]), list(COLOURS)
+
+
+# A tiny random Qwen2.5-VL chat judge, built offline and saved like a hub folder.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+QWEN_WORDS = ["Yes", "No", "yes", "no", "system", "user", "assistant", "You", "are", "a", "helpful", "video", "Is", "Does",
+              "this", "show", "sharp", "smooth", "motion", "quality", "?", ".", ":", ",", '"', "Answer", "or", *WORDS]
+
+
+def build_qwen_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0}
+    for word in QWEN_WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    return fast
+
+
+def build_tiny_qwen_vl(path):
+    """Save a random Qwen2.5-VL (2 text + 2 vision layers, width 32), its tokenizer and processor settings."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    tokenizer = build_qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=16, out_hidden_size=32, fullatt_block_indexes=[1], tokens_per_second=2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # Frames of 16-32 px: factor 8 (patch 4 x merge 2), at most 32 x 32 per frame.
+    Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=32 * 32).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl_dir(tmp_path_factory):
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny_qwen_vl"))
