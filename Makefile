@@ -20,15 +20,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The demo config keeps no checkpoint; here one ModelCheckpoint is appended so that its result can be
-# sampled and exported afterwards (runs/demo/checkpoints/last.ckpt, replaced by each `make demo`).
+# configs/demo.yaml keeps its result in runs/demo/checkpoints/last.ckpt (replaced by each run), which
+# the printed commands sample and export.
 DEMO_CKPT := runs/demo/checkpoints/last.ckpt
 DEMO_PROMPTS := "a red plus moving up" "a green ring moving down" "a blue x moving right" "a yellow square moving left"
 
 demo: $(STAMP)
-	$(BIN)/sp-grpo fit --config configs/demo.yaml --trainer.enable_checkpointing true \
-	  --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.dirpath runs/demo/checkpoints \
-	  --trainer.callbacks.save_last true --trainer.callbacks.enable_version_counter false
+	$(BIN)/sp-grpo fit --config configs/demo.yaml
 	@echo ""
 	@echo "Sample the trained generator on your own prompts (and, without --ckpt, the generator before training):"
 	@echo '  $(BIN)/sp-grpo sample --config configs/demo.yaml --ckpt $(DEMO_CKPT) --prompts $(DEMO_PROMPTS) --out runs/demo/sample_after'

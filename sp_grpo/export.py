@@ -240,7 +240,7 @@ def export_main(argv: list[str] | None = None) -> int:
     """
     cfg = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
     try:
-        out = check_output_folder(cfg.out, cfg.overwrite)
+        out = check_output_folder(cfg.out, cfg.overwrite, {"--config": cfg.config, "--ckpt": cfg.ckpt})
         trained = load_trained_policy(cfg.config, cfg.ckpt, cfg.weights)
         pipeline_class(trained.policy)
         with replace_folder(out) as staging:

@@ -185,7 +185,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     cfg = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
     try:
         prompts = read_prompts(cfg.prompts)
-        out = check_output_folder(cfg.out, cfg.overwrite)
+        out = check_output_folder(cfg.out, cfg.overwrite, {"--config": cfg.config, "--ckpt": cfg.ckpt})
         trained = load_trained_policy(cfg.config, cfg.ckpt, cfg.weights)
         overrides = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale}
         try:

@@ -280,15 +280,30 @@ def load_trained_policy(
     )
 
 
-def check_output_folder(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output path that is a file, or an existing non-empty folder unless ``overwrite``.
+def check_output_folder(
+    out: str | os.PathLike, overwrite: bool, inputs: dict[str, str | os.PathLike | None] | None = None
+) -> Path:
+    """Refuse an output path that is a file, an existing non-empty folder unless ``overwrite``, or a
+    folder that holds one of the inputs (replacing it would delete the run being read).
+
+    Args:
+        out: The ``--out`` folder.
+        overwrite: Whether ``--overwrite`` was given.
+        inputs: Flag name -> input path (e.g. ``{"--ckpt": ...}``); ``None`` values are skipped.
 
     Raises:
-        RunInputError: Naming ``--out`` and ``--overwrite``.
+        RunInputError: Naming ``--out`` and ``--overwrite`` (or the input it would delete).
     """
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise RunInputError(f"`--out` ({str(out)!r}) is a file, not a folder: choose a folder path.")
+    target = folder.resolve()
+    for flag, path in (inputs or {}).items():
+        if path is not None and target in (Path(path).resolve(), *Path(path).resolve().parents):
+            raise RunInputError(
+                f"`--out` ({str(out)!r}) contains `{flag}` ({str(path)!r}); writing there would replace the run being "
+                "read: choose an --out folder outside it."
+            )
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise RunInputError(
             f"`--out` ({str(out)!r}) exists and is not empty: choose a new folder, or pass `--overwrite` to replace"

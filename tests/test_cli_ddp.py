@@ -69,7 +69,7 @@ def test_fit_demo_config_shortened_in_two_processes(tmp_path):
     assert ranks[0]["callbacks"]["GoldEvaluation"] == ranks[1]["callbacks"]["GoldEvaluation"]
     files = files_under(tmp_path / "runs/demo")
     assert [f for f in files if not f.startswith("tensorboard/")] == [
-        "logs/version_0/config.yaml", "logs/version_0/curriculum.png", "logs/version_0/gold.json",
+        "checkpoints/last.ckpt", "logs/version_0/config.yaml", "logs/version_0/curriculum.png", "logs/version_0/gold.json",
         "logs/version_0/hparams.yaml", "logs/version_0/metrics.csv",
         "logs/version_0/samples/step_000000.gif", "logs/version_0/samples/step_000002.gif",
     ]

@@ -324,6 +324,14 @@ def test_non_empty_output_folder_is_kept_unless_overwrite(tiny_run, tmp_path, ca
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]  # no leftovers
 
 
+def test_output_folder_holding_the_run_is_refused_even_with_overwrite(tiny_run, tmp_path, capsys):
+    config, ckpt = tiny_run  # both live in tmp_path
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_export(capsys, "--config", config, "--ckpt", ckpt, "--out", tmp_path, "--overwrite")
+    assert code == 1 and "contains `--config`" in err and "choose an --out folder outside it" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and ckpt.exists()
+
+
 # -- the console script, as users run it -----------------------------------------------------------------
 
 
