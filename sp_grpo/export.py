@@ -108,7 +108,13 @@ def export(trained: TrainedPolicy, out: Path) -> dict[str, Any]:
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
         )
-        info["files"] = [LORA_WEIGHT_NAME]
+        # The scheduler the run sampled with (a base folder may ship another, e.g. Wan's UniPC), so the
+        # loading snippet can put it in the pipeline and sample what the run sampled.
+        scheduler = getattr(policy, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "save_pretrained"):
+            scheduler.save_pretrained(str(out / "scheduler"))
+            info["scheduler_class"] = type(scheduler).__name__
+        info["files"] = [LORA_WEIGHT_NAME] + (["scheduler"] if "scheduler_class" in info else [])
     else:
         pipe_cls(**pipeline_components(policy, pipe_cls)).save_pretrained(str(out), safe_serialization=True)
         info["files"] = sorted(p.name for p in out.iterdir())
@@ -193,6 +199,11 @@ def readme(info: dict[str, Any]) -> str:
             f"pipe = diffusers.{info['pipeline']}.from_pretrained({where!r}{extra})",
             "pipe.load_lora_weights('<this folder>')",
         ]
+        if info.get("scheduler_class"):
+            lines.append(
+                f"pipe.scheduler = diffusers.{info['scheduler_class']}.from_pretrained('<this folder>', subfolder='scheduler')"
+                "  # the run's sampler"
+            )
     else:
         lines.append(f"pipe = diffusers.{info['pipeline']}.from_pretrained('<this folder>'{extra})")
     call = (

@@ -161,7 +161,7 @@ def test_lora_export_loads_with_load_lora_weights_and_samples_the_trained_video(
     code, err = run_export(capsys, "--config", config, "--ckpt", ckpt, "--out", tmp_path / "lora")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
-        "README.md", LORA_WEIGHT_NAME, "sp_grpo_config.yaml", "sp_grpo_export.json"
+        "README.md", LORA_WEIGHT_NAME, "scheduler", "sp_grpo_config.yaml", "sp_grpo_export.json"
     ]
 
     ours, noise = library_video(config, ckpt)
@@ -169,6 +169,8 @@ def test_lora_export_loads_with_load_lora_weights_and_samples_the_trained_video(
     pipe.set_progress_bar_config(disable=True)
     base_video = call(pipe, noise.clone()).float()
     pipe.load_lora_weights(str(tmp_path / "lora"))
+    # As the folder's README says: the run's scheduler, in case the base folder ships another.
+    pipe.scheduler = type(pipe.scheduler).from_pretrained(str(tmp_path / "lora"), subfolder="scheduler")
     theirs = call(pipe, noise.clone()).float()
 
     assert (base_video - ours).abs().max() > 1e-2  # the adapter matters, so the comparison below can fail
@@ -178,6 +180,7 @@ def test_lora_export_loads_with_load_lora_weights_and_samples_the_trained_video(
     assert info["kind"] == "lora" and info["global_step"] == 12 and info["weights"] == "current"
     readme = (tmp_path / "lora/README.md").read_text()
     assert str(base) in readme and "rank 4" in readme and "12 optimizer steps" in readme
+    assert "subfolder='scheduler'" in readme
 
 
 # -- full fine-tuning: a whole pipeline folder ----------------------------------------------------------
