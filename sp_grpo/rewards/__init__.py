@@ -3,6 +3,7 @@
 from sp_grpo.rewards.backbones import Backbone, SharedModel, resolve_backbone
 from sp_grpo.rewards.base import ASPECTS, VideoReward, check_videos
 from sp_grpo.rewards.fidelity import AestheticScore, Contrast, Exposure, NoiseLevel, Sharpness, load_linear_head
+from sp_grpo.rewards.judge_server import JudgeServerError, ServerJudge
 from sp_grpo.rewards.judges import CallableJudge, VideoJudge
 from sp_grpo.rewards.mixture import RewardOutput, RewardSet
 from sp_grpo.rewards.semantic import ColorPromptAlignment, JudgeReward, TextVideoAlignment
@@ -21,11 +22,13 @@ __all__ = [
     "FeatureConsistency",
     "FrozenVLM",
     "JudgeReward",
+    "JudgeServerError",
     "MotionSmoothness",
     "NoiseLevel",
     "QwenVLJudge",
     "RewardOutput",
     "RewardSet",
+    "ServerJudge",
     "SharedModel",
     "Sharpness",
     "TemporalFlickering",
