@@ -17,6 +17,9 @@ timeouts, HTTP 429 and 5xx are retried ``retries`` times with exponential backof
 down, or answers something that is not a valid score, raises :class:`JudgeServerError` naming the URL
 and the setting to check; it never yields a silent 0 or NaN reward.
 
+Judges with equal settings share their per-batch memo, so a YAML config that gives each
+:class:`~sp_grpo.rewards.JudgeReward` its own ``ServerJudge`` block sends each request once.
+
 Only the standard library is used for HTTP (``urllib``, ``concurrent.futures``) and PNG encoding
 (``zlib``), so the judge adds no dependency.
 """
@@ -33,6 +36,7 @@ import struct
 import time
 import urllib.error
 import urllib.request
+import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sp_grpo.rewards.backbones import SharedModel
 from sp_grpo.rewards.judges import VideoJudge
 from sp_grpo.rewards.vlm_judge import DEFAULT_QUESTIONS
 
@@ -55,6 +60,10 @@ _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 class JudgeServerError(RuntimeError):
     """The judge server could not be reached or gave an answer that is not a score."""
+
+
+# Judges with equal settings share one memo, so three YAML blocks for three heads send each request once.
+_MEMOS: weakref.WeakValueDictionary[str, SharedModel] = weakref.WeakValueDictionary()
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -151,6 +160,11 @@ class ServerJudge(VideoJudge):
         self.top_logprobs, self.rating_scale = top_logprobs, rating_scale
         self.max_concurrency, self.timeout, self.retries, self.backoff = max_concurrency, timeout, retries, backoff
         self.api_key_env = api_key_env
+        key = repr((self.url, model, sorted(questions.items()), scoring, num_frames, max_side, system, sorted(self.yes),
+                    sorted(self.no), top_logprobs, rating_scale))
+        self.memo = _MEMOS.get(key)
+        if self.memo is None:
+            self.memo = _MEMOS[key] = SharedModel()
 
     def frame_indices(self, total: int) -> list[int]:
         """Evenly spaced frame indices out of ``total``, first and last included."""
@@ -169,6 +183,9 @@ class ServerJudge(VideoJudge):
         return ["data:image/png;base64," + base64.b64encode(encode_png(f)).decode("ascii") for f in frames]
 
     def judge(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        return self.memo.memoized("judge", (videos, tuple(prompts)), lambda: self._ask(videos, prompts))
+
+    def _ask(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         images = [self.encode_video(video) for video in videos]
         pairs = [(b, head) for b in range(len(prompts)) for head in self.heads]  # video-major
         if self.scoring == "auto":

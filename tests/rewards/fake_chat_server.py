@@ -12,6 +12,8 @@ listens on 127.0.0.1. Modes:
 * ``flaky``: the first ``--failures`` requests get HTTP 503, later ones behave like ``brightness``;
 * ``slow``: sleeps ``--delay`` seconds, then behaves like ``brightness``.
 
+``--fail-after N`` answers like ``nonsense`` from request ``N + 1`` on (a judge that breaks mid-run).
+
 ``GET /stats`` returns ``{"requests": n, "max_in_flight": m}``.
 """
 
@@ -128,6 +130,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(404, {"error": f"no route {self.path}"})
         time.sleep(args.delay)
         mode = args.mode
+        if args.fail_after is not None and number > args.fail_after:
+            mode = "nonsense"
         if mode == "flaky":
             if number <= args.failures:
                 return self.send(503, {"error": "warming up"})
@@ -160,6 +164,7 @@ def main():
     parser.add_argument("--mode", required=True)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--failures", type=int, default=2)
+    parser.add_argument("--fail-after", type=int, default=None)
     parser.add_argument("--model-dir", default=None)
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -160,3 +160,17 @@ def test_served_tiny_qwen_matches_the_in_process_judge(serve, tiny_qwen_vl_dir):
     for head in local:
         torch.testing.assert_close(remote[head], local[head], atol=1e-5, rtol=0)
         assert remote[head].argsort().tolist() == local[head].argsort().tolist()
+
+
+def test_judges_with_equal_settings_send_each_request_once(serve):
+    server = serve("--mode", "brightness")
+    questions = {"VQ": "Good?", "MQ": "Smooth?", "TA": "Shows {prompt}?"}
+    judges = [ServerJudge(server.url, "fake", questions, scoring="logprobs") for _ in range(3)]
+    rewards = RewardSet({
+        "vq": JudgeReward(judges[0], "VQ", aspect="fidelity"),
+        "mq": JudgeReward(judges[1], "MQ", aspect="temporal"),
+        "ta": JudgeReward(judges[2], "TA", aspect="semantic"),
+    })
+    out = rewards(grey_videos([0.2, 0.9]), ["a", "b"])
+    assert server.stats()["requests"] == 2 * 3
+    torch.testing.assert_close(out.per_reward["mq"], torch.tensor([51 / 255, 230 / 255]))
