@@ -92,7 +92,9 @@ def resize_for_patches(
     return x.reshape(*lead, 3, new_h, new_w)
 
 
-def patchify_video(video: Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> tuple[Tensor, tuple[int, int, int]]:
+def patchify_video(
+    video: Tensor, patch_size: int, merge_size: int, temporal_patch_size: int
+) -> tuple[Tensor, tuple[int, int, int]]:
     """Flatten one normalized video into the patch sequence of a Qwen2-VL vision tower.
 
     Frames are padded to a multiple of ``temporal_patch_size`` by repeating the last one. Patches are
@@ -116,7 +118,9 @@ def patchify_video(video: Tensor, patch_size: int, merge_size: int, temporal_pat
     frames, channels, height, width = video.shape
     factor = patch_size * merge_size
     if height % factor or width % factor:
-        raise ValueError(f"patchify_video: frame size {height}x{width} must be multiples of patch_size * merge_size ({factor}).")
+        raise ValueError(
+            f"patchify_video: frame size {height}x{width} must be multiples of patch_size * merge_size ({factor})."
+        )
     if pad := -frames % temporal_patch_size:
         video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
         frames += pad

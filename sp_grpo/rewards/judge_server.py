@@ -86,7 +86,8 @@ def encode_png(frame: Tensor) -> bytes:
     rows = pixels.view(height, width * 3)
     raw = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), rows], dim=1).numpy().tobytes()  # filter 0 per row
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw, 6)) + _png_chunk(b"IEND", b"")
+    chunks = _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw, 6)) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
 
 
 class ServerJudge(VideoJudge):
@@ -140,16 +141,22 @@ class ServerJudge(VideoJudge):
         super().__init__()
         questions = dict(DEFAULT_QUESTIONS if questions is None else questions)
         if not questions:
-            raise ValueError("ServerJudge: `questions` is empty; give head -> question, e.g. {'TA': 'Does this video show \"{prompt}\"?'}.")
+            raise ValueError(
+                "ServerJudge: `questions` is empty; give head -> question, e.g. {'TA': 'Does this video show \"{prompt}\"?'}."
+            )
         if scoring not in ("auto", "logprobs", "rating"):
             raise ValueError(f"ServerJudge: `scoring` ({scoring!r}) must be one of 'auto', 'logprobs', 'rating'.")
-        for name, value in (("num_frames", num_frames), ("top_logprobs", top_logprobs), ("max_concurrency", max_concurrency)):
+        counts = {"num_frames": num_frames, "top_logprobs": top_logprobs, "max_concurrency": max_concurrency}
+        for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"ServerJudge: `{name}` ({value}) must be a positive integer.")
         if rating_scale < 2:
             raise ValueError(f"ServerJudge: `rating_scale` ({rating_scale}) must be at least 2.")
         if timeout <= 0 or retries < 0 or backoff < 0:
-            raise ValueError(f"ServerJudge: `timeout` ({timeout}) must be positive, `retries` ({retries}) and `backoff` ({backoff}) non-negative.")
+            raise ValueError(
+                f"ServerJudge: `timeout` ({timeout}) must be positive, `retries` ({retries}) and `backoff` ({backoff}) "
+                "non-negative."
+            )
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.questions, self.heads = model, questions, tuple(questions)
@@ -210,7 +217,10 @@ class ServerJudge(VideoJudge):
         if _first_token_logprobs(answer) is not None:
             self.scoring = "logprobs"
             return self._logprob_score(answer)
-        log.warning("ServerJudge: %s returned no logprobs; scoring with a 1-%d rating instead (set `scoring='rating'` to skip this check).", self.url, self.rating_scale)
+        log.warning(
+            "ServerJudge: %s returned no logprobs; scoring with a 1-%d rating instead (set `scoring='rating'` to skip "
+            "this check).", self.url, self.rating_scale,
+        )
         self.scoring = "rating"
         return self._score(images, question, "rating")
 
@@ -246,7 +256,8 @@ class ServerJudge(VideoJudge):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                with urllib.request.urlopen(urllib.request.Request(self.url, body, headers), timeout=self.timeout) as reply:
+                http_request = urllib.request.Request(self.url, body, headers)
+                with urllib.request.urlopen(http_request, timeout=self.timeout) as reply:
                     text = reply.read().decode("utf-8", errors="replace")
             except urllib.error.HTTPError as err:
                 detail = err.read().decode("utf-8", errors="replace")[:300]

@@ -39,7 +39,10 @@ __all__ = ["DEFAULT_QUESTIONS", "FrozenVLM", "QwenVLJudge"]
 
 DEFAULT_QUESTIONS: dict[str, str] = {
     "VQ": "Is this video of high visual quality: sharp, clean, well exposed and free of artifacts? Answer Yes or No.",
-    "MQ": "Is the motion in this video smooth and coherent over time, with objects keeping their shape? Answer Yes or No.",
+    "MQ": (
+        "Is the motion in this video smooth and coherent over time, with objects keeping their shape? "
+        "Answer Yes or No."
+    ),
     "TA": 'Does this video show "{prompt}"? Answer Yes or No.',
 }
 """Head -> question; ``{prompt}`` is replaced by the sample's prompt."""
@@ -219,7 +222,9 @@ class QwenVLJudge(VideoJudge):
         super().__init__()
         questions = dict(DEFAULT_QUESTIONS if questions is None else questions)
         if not questions:
-            raise ValueError("QwenVLJudge: `questions` is empty; give head -> question, e.g. {'TA': 'Does this video show \"{prompt}\"?'}.")
+            raise ValueError(
+                "QwenVLJudge: `questions` is empty; give head -> question, e.g. {'TA': 'Does this video show \"{prompt}\"?'}."
+            )
         for name, value in (("num_frames", num_frames), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"QwenVLJudge: `{name}` ({value}) must be a positive integer.")
@@ -238,7 +243,9 @@ class QwenVLJudge(VideoJudge):
         self.min_pixels = int(min_pixels or pre.get("min_pixels") or size.get("shortest_edge") or _DEFAULT_PIXELS[0])
         self.max_pixels = int(max_pixels or pre.get("max_pixels") or size.get("longest_edge") or _DEFAULT_PIXELS[1])
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"QwenVLJudge: `min_pixels` ({self.min_pixels}) must not exceed `max_pixels` ({self.max_pixels}).")
+            raise ValueError(
+                f"QwenVLJudge: `min_pixels` ({self.min_pixels}) must not exceed `max_pixels` ({self.max_pixels})."
+            )
         self.image_mean = tuple(pre.get("image_mean", _CLIP_MEAN))
         self.image_std = tuple(pre.get("image_std", _CLIP_STD))
 
@@ -247,7 +254,9 @@ class QwenVLJudge(VideoJudge):
         self.no_ids = [self._single_token(t, "no_tokens") for t in no_tokens]
         for token in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"):
             if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-                raise ValueError(f"QwenVLJudge: the tokenizer has no {token!r} token; load a Qwen2-VL or Qwen2.5-VL chat model folder.")
+                raise ValueError(
+                    f"QwenVLJudge: the tokenizer has no {token!r} token; load a Qwen2-VL or Qwen2.5-VL chat model folder."
+                )
         self.video_token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
         if self.video_token_id != self.vlm.model.config.video_token_id:
             raise ValueError(
@@ -258,13 +267,16 @@ class QwenVLJudge(VideoJudge):
         self.pad_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|im_end|>")
         # Judges that share the model share its memo; this key keeps their questions apart.
         self._memo_kind = "judge" + repr(
-            (sorted(questions.items()), num_frames, self.fps, self.min_pixels, self.max_pixels, system, self.yes_ids, self.no_ids)
+            (sorted(questions.items()), num_frames, self.fps, self.min_pixels, self.max_pixels, system,
+             self.yes_ids, self.no_ids)
         )
 
     def _single_token(self, text: str, setting: str) -> int:
         ids = self.vlm.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"QwenVLJudge: {setting} entry {text!r} is {len(ids)} tokens {ids}; each spelling must be one token.")
+            raise ValueError(
+                f"QwenVLJudge: {setting} entry {text!r} is {len(ids)} tokens {ids}; each spelling must be one token."
+            )
         return ids[0]
 
     def frame_indices(self, total: int) -> list[int]:
@@ -282,7 +294,7 @@ class QwenVLJudge(VideoJudge):
         pixels = resize_for_patches(
             frames, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels, self.image_mean, self.image_std
         )
-        patched = [patchify_video(video, self.patch_size, self.merge_size, self.temporal_patch_size) for video in pixels]
+        patched = [patchify_video(v, self.patch_size, self.merge_size, self.temporal_patch_size) for v in pixels]
         pairs = [(b, head) for b in range(len(prompts)) for head in self.heads]  # video-major
         scores = []
         for start in range(0, len(pairs), self.batch_size):
@@ -293,11 +305,14 @@ class QwenVLJudge(VideoJudge):
     def _token_ids(self, question: str, video_tokens: int) -> list[int]:
         text = (
             f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n"
-            f"<|vision_start|>{'<|video_pad|>' * video_tokens}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+            f"<|vision_start|>{'<|video_pad|>' * video_tokens}<|vision_end|>"
+            f"{question}<|im_end|>\n<|im_start|>assistant\n"
         )
         return self.vlm.tokenizer.encode(text, add_special_tokens=False)
 
-    def _forward(self, chunk: list[tuple[int, str]], patched: list[tuple[Tensor, tuple[int, int, int]]], prompts: list[str]) -> Tensor:
+    def _forward(
+        self, chunk: list[tuple[int, str]], patched: list[tuple[Tensor, tuple[int, int, int]]], prompts: list[str]
+    ) -> Tensor:
         device, merge = self.vlm.device, self.merge_size**2
         sequences = []
         for b, head in chunk:
