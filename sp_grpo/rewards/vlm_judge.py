@@ -73,8 +73,11 @@ class FrozenVLM(SharedModel):
         object.__setattr__(self, "model", model)
         self.tokenizer = tokenizer
         self.preprocessor = dict(preprocessor)
+        parameters = inspect.signature(model.forward).parameters
         # Older transformers find video tokens by id; newer ones want the token types spelled out.
-        self.takes_token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+        self.takes_token_types = "mm_token_type_ids" in parameters
+        # Qwen2.5-VL spaces temporal positions by time; Qwen2-VL has no such input.
+        self.takes_seconds = "second_per_grid_ts" in parameters
 
     def _apply(self, fn: Callable, recurse: bool = True) -> FrozenVLM:
         self.model._apply(fn)
@@ -328,10 +331,11 @@ class QwenVLJudge(VideoJudge):
             attention_mask=attention_mask,
             pixel_values_videos=torch.cat([patched[b][0] for b, _ in chunk]).to(self.vlm.dtype),
             video_grid_thw=torch.tensor([patched[b][1] for b, _ in chunk], device=device),
-            second_per_grid_ts=torch.full((len(chunk),), self.temporal_patch_size / self.fps, device=device),
             use_cache=False,
             logits_to_keep=1,
         )
+        if self.vlm.takes_seconds:
+            inputs["second_per_grid_ts"] = torch.full((len(chunk),), self.temporal_patch_size / self.fps, device=device)
         if self.vlm.takes_token_types:
             inputs["mm_token_type_ids"] = (input_ids == self.video_token_id).int() * 2  # 2 marks video tokens
         logits = self.vlm.model(**inputs).logits[:, -1]
