@@ -12,7 +12,11 @@ from sp_grpo.rewards.mixture import RewardSet
 from sp_grpo.rewards.semantic import ColorPromptAlignment, JudgeReward, TextVideoAlignment
 from sp_grpo.rewards.temporal import DynamicDegree, FeatureConsistency, TemporalFlickering
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "rewards").glob("*.yaml"))
+# The judge configs need a Qwen folder or a running server; tests/rewards/test_judge_configs.py runs them.
+JUDGE_CONFIGS = ("qwen_vl_judge.yaml", "judge_server.yaml")
+CONFIGS = [
+    c for c in sorted((Path(__file__).parents[2] / "configs" / "rewards").glob("*.yaml")) if c.name not in JUDGE_CONFIGS
+]
 
 
 class Constant(VideoReward):
