@@ -27,6 +27,7 @@ Only the standard library is used for HTTP (``urllib``, ``concurrent.futures``) 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import re
 import struct
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 import zlib
@@ -157,6 +159,12 @@ class ServerJudge(VideoJudge):
                 f"ServerJudge: `timeout` ({timeout}) must be positive, `retries` ({retries}) and `backoff` ({backoff}) "
                 "non-negative."
             )
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"ServerJudge: `url` ({url!r}) must start with http:// or https://, e.g. http://127.0.0.1:8000/v1.")
+        if api_key_env and not os.environ.get(api_key_env):
+            raise ValueError(
+                f"ServerJudge: `api_key_env` names {api_key_env!r}, which is not set; export it or set `api_key_env: null`."
+            )
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.questions, self.heads = model, questions, tuple(questions)
@@ -193,6 +201,8 @@ class ServerJudge(VideoJudge):
         return self.memo.memoized("judge", (videos, tuple(prompts)), lambda: self._ask(videos, prompts))
 
     def _ask(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        if len(prompts) == 0:
+            return {head: torch.zeros(0) for head in self.heads}
         images = [self.encode_video(video) for video in videos]
         pairs = [(b, head) for b in range(len(prompts)) for head in self.heads]  # video-major
         if self.scoring == "auto":
@@ -207,8 +217,14 @@ class ServerJudge(VideoJudge):
             b, head = pair
             return self._score(images[b], self.questions[head].replace("{prompt}", prompts[b]), self.scoring)
 
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency)
+        try:
             scores = first + list(pool.map(score, pairs))
+        except BaseException:
+            # Report the first failure now, not after every queued request has spent its retries.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         table = torch.tensor(scores, dtype=torch.float32).view(len(prompts), len(self.heads))
         return dict(zip(self.heads, table.unbind(1)))
 
@@ -268,7 +284,7 @@ class ServerJudge(VideoJudge):
                     ) from err
                 failure = f"HTTP {err.code}: {detail!r}"
                 continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, OSError) as err:
                 reason = getattr(err, "reason", err)
                 failure = f"{type(reason).__name__}: {reason}"
                 continue
