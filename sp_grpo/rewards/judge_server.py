@@ -6,13 +6,14 @@ Each (video, question) pair is one request: the sampled frames as base64 PNG ima
 question. The score is, in order of preference:
 
 * ``"logprobs"``: P("Yes") from the first answer token's ``top_logprobs``, renormalized over the
-  yes and no spellings (the same quantity :class:`~sp_grpo.rewards.vlm_judge.QwenVLJudge` computes
-  in process);
+  yes and no spellings (the quantity :class:`~sp_grpo.rewards.vlm_judge.QwenVLJudge` computes in
+  process; but a chat server sees the frames as separate images, not as one video, so its scores
+  differ from the in-process judge's on the same model);
 * ``"rating"``: the question asks for one integer from 1 (no) to ``rating_scale`` (yes) and the reply
   must be exactly that integer; the score is :math:`(r - 1) / (N - 1)`.
 
 ``"auto"`` asks for logprobs and switches to ``"rating"`` (once, with a warning) when the server
-returns none. Requests run ``max_concurrency`` at a time with a ``timeout`` each; connection errors,
+returns none; each process decides on its own, so under several processes set the mode explicitly. Requests run ``max_concurrency`` at a time with a ``timeout`` each; connection errors,
 timeouts, HTTP 429 and 5xx are retried ``retries`` times with exponential backoff. A server that stays
 down, or answers something that is not a valid score, raises :class:`JudgeServerError` naming the URL
 and the setting to check; it never yields a silent 0 or NaN reward.
