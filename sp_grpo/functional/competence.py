@@ -210,8 +210,10 @@ def update_competence(
     .. math:: L_t = \\beta L_{t-1} + (1 - \\beta) \\hat g_t, \\quad
               D_t = \\beta D_{t-1} + (1 - \\beta)(L_t - L_{t-1})
 
-    and EMAs of :math:`F_t`, :math:`R_t` and the batch's mean Hoyer sparsity. Every group of a
-    prompt without a baseline becomes that prompt's baseline (warm-up included).
+    and EMAs of :math:`F_t`, :math:`R_t` and of the groups' change of Hoyer sparsity against the
+    same references as the gain (with its noise). A batch with no group to compare (all prompts new)
+    leaves these statistics as they were. Every group of a prompt without a baseline becomes that
+    prompt's baseline (warm-up included).
 
     Args:
         state: Statistics so far.
