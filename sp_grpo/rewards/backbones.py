@@ -99,7 +99,36 @@ class SharedModel(nn.Module):
         return value
 
 
-class Backbone(SharedModel):
+class FrozenModel(SharedModel):
+    """A shared, frozen model held outside the module tree.
+
+    The model is not a registered submodule, so its weights never enter a ``state_dict`` (the
+    policy's checkpoint) nor an optimizer; ``.to()`` / ``.cuda()`` still move it, and it stays in
+    eval mode whatever its parent's mode. Subclasses call :meth:`_hold` in ``__init__``.
+    """
+
+    def _hold(self, model: nn.Module) -> None:
+        model.eval().requires_grad_(False)
+        object.__setattr__(self, "model", model)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> FrozenModel:
+        # Moves and casts reach the unregistered model too.
+        self.model._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> FrozenModel:
+        # Frozen: dropout and norm statistics stay in inference mode whatever the parent does.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the wrapped model lives."""
+        return next(self.model.parameters()).device
+
+
+class Backbone(FrozenModel):
     """A frozen ``transformers`` image (and optionally text) encoder with torch preprocessing.
 
     Image features are the model's ``get_image_features`` when it has one (CLIP, SigLIP: projected
@@ -148,9 +177,7 @@ class Backbone(SharedModel):
             from transformers import AutoModel
 
             model = AutoModel.from_pretrained(self.source, local_files_only=True)
-        model.eval().requires_grad_(False)
-        # Not a registered submodule: frozen weights stay out of state_dict (see _apply for devices).
-        object.__setattr__(self, "model", model)
+        self._hold(model)
         self._tokenizer = tokenizer
         config = model.config
         vision_config = getattr(config, "vision_config", None) or config
@@ -168,22 +195,6 @@ class Backbone(SharedModel):
             return {}
         path = Path(self.source) / "preprocessor_config.json"
         return json.loads(path.read_text()) if path.is_file() else {}
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> Backbone:
-        # Moves and casts reach the unregistered model too.
-        self.model._apply(fn)
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True) -> Backbone:
-        # Frozen: dropout and norm statistics stay in inference mode whatever the parent does.
-        super().train(mode)
-        self.model.eval()
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        """Where the wrapped model lives."""
-        return next(self.model.parameters()).device
 
     @property
     def tokenizer(self) -> Any:

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ASPECTS", "Aspect", "VideoReward", "check_videos"]
+__all__ = ["ASPECTS", "Aspect", "VideoReward", "check_videos", "evenly_spaced_frames"]
 
 Aspect = Literal["fidelity", "temporal", "semantic"]
 #: The aspects in curriculum order.
@@ -53,6 +53,25 @@ def check_videos(videos: Tensor, prompts: Sequence[str], name: str = "reward") -
             f"{name}: got {len(prompts)} prompts for {videos.shape[0]} videos; pass exactly one prompt per video "
             "(repeat each prompt `group_size` times for GRPO groups)."
         )
+
+
+def evenly_spaced_frames(total: int, num_frames: int) -> list[int]:
+    """``num_frames`` evenly spaced frame indices out of ``total``, first and last included.
+
+    Args:
+        total: number of frames of the video.
+        num_frames: how many to keep (at least 1); a video with no more frames is used whole.
+
+    Returns:
+        Sorted frame indices.
+
+    Example:
+        >>> evenly_spaced_frames(9, 3), evenly_spaced_frames(2, 3), evenly_spaced_frames(5, 1)
+        ([0, 4, 8], [0, 1], [0])
+    """
+    if total <= num_frames:
+        return list(range(total))
+    return torch.linspace(0, total - 1, num_frames).round().long().tolist()
 
 
 class VideoReward(nn.Module):
@@ -147,12 +166,9 @@ class VideoReward(nn.Module):
         """
         if self.frame_stride is not None:
             return list(range(0, total, self.frame_stride))
-        if self.num_frames is None or total <= self.num_frames:
+        if self.num_frames is None:
             return list(range(total))
-        if self.num_frames == 1:
-            return [0]
-        # Evenly spaced, first and last included.
-        return torch.linspace(0, total - 1, self.num_frames).round().long().tolist()
+        return evenly_spaced_frames(total, self.num_frames)
 
     def forward(self, videos: Tensor, prompts: Sequence[str]) -> Tensor:
         """Score each video against its prompt.

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sp_grpo.rewards.backbones import SharedModel
+from sp_grpo.rewards.base import evenly_spaced_frames
 from sp_grpo.rewards.judges import VideoJudge
 from sp_grpo.rewards.vlm_judge import DEFAULT_QUESTIONS
 
@@ -184,9 +185,7 @@ class ServerJudge(VideoJudge):
 
     def frame_indices(self, total: int) -> list[int]:
         """Evenly spaced frame indices out of ``total``, first and last included."""
-        if total <= self.num_frames:
-            return list(range(total))
-        return torch.linspace(0, total - 1, self.num_frames).round().long().tolist()
+        return evenly_spaced_frames(total, self.num_frames)
 
     def encode_video(self, video: Tensor) -> list[str]:
         """The frames sent for one ``(T, 3, H, W)`` video, as ``data:image/png;base64,...`` URLs."""

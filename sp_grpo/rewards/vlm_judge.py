@@ -24,7 +24,7 @@ import inspect
 import json
 import os
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from sp_grpo.functional.judges import patchify_video, resize_for_patches, yes_probability
-from sp_grpo.rewards.backbones import SharedModel
+from sp_grpo.rewards.backbones import FrozenModel
+from sp_grpo.rewards.base import evenly_spaced_frames
 from sp_grpo.rewards.judges import VideoJudge
 
 __all__ = ["DEFAULT_QUESTIONS", "FrozenVLM", "QwenVLJudge"]
@@ -54,12 +55,11 @@ _DEFAULT_PIXELS = (128 * 28 * 28, 768 * 28 * 28)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class FrozenVLM(SharedModel):
+class FrozenVLM(FrozenModel):
     """A frozen ``transformers`` vision-language model and its tokenizer, shared by judges.
 
-    The model is not a registered submodule, so its weights never enter a ``state_dict`` (the
-    policy's checkpoint) nor an optimizer; ``.to()`` / ``.cuda()`` still move it, and it stays in
-    eval mode whatever its parent's mode.
+    Held outside the module tree (see :class:`~sp_grpo.rewards.backbones.FrozenModel`): its weights
+    never enter the policy's checkpoint nor an optimizer.
 
     Args:
         model: the loaded model.
@@ -69,8 +69,7 @@ class FrozenVLM(SharedModel):
 
     def __init__(self, model: nn.Module, tokenizer: Any, preprocessor: Mapping[str, Any]) -> None:
         super().__init__()
-        model.eval().requires_grad_(False)
-        object.__setattr__(self, "model", model)
+        self._hold(model)
         self.tokenizer = tokenizer
         self.preprocessor = dict(preprocessor)
         parameters = inspect.signature(model.forward).parameters
@@ -78,20 +77,6 @@ class FrozenVLM(SharedModel):
         self.takes_token_types = "mm_token_type_ids" in parameters
         # Qwen2.5-VL spaces temporal positions by time; Qwen2-VL has no such input.
         self.takes_seconds = "second_per_grid_ts" in parameters
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> FrozenVLM:
-        self.model._apply(fn)
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True) -> FrozenVLM:
-        super().train(mode)
-        self.model.eval()
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model lives."""
-        return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -284,9 +269,7 @@ class QwenVLJudge(VideoJudge):
 
     def frame_indices(self, total: int) -> list[int]:
         """Evenly spaced frame indices out of ``total``, first and last included."""
-        if total <= self.num_frames:
-            return list(range(total))
-        return torch.linspace(0, total - 1, self.num_frames).round().long().tolist()
+        return evenly_spaced_frames(total, self.num_frames)
 
     def judge(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         return self.vlm.memoized(self._memo_kind, (videos, tuple(prompts)), lambda: self._score(videos, prompts))
