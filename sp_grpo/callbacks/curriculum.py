@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sp_grpo.callbacks.plot import plot_curriculum
 from sp_grpo.callbacks.prompt_difficulty import PromptDifficulty
-from sp_grpo.functional.competence import gain_zscore
+from sp_grpo.functional.competence import check_competence_settings, gain_zscore
 from sp_grpo.functional.curriculum import (
     ASPECTS,
     GATES,
@@ -297,14 +297,7 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
             raise ValueError(f"`decay` ({decay}) must be in [0, 1); 0.9 averages about 10 batches.")
         if warmup_steps < 1:
             raise ValueError(f"`warmup_steps` ({warmup_steps}) must be at least 1: the starting level needs a batch.")
-        if target_gain <= 0:
-            raise ValueError(f"`target_gain` ({target_gain}) must be positive, e.g. 1.0 (one starting std).")
-        if significance <= 1:
-            raise ValueError(f"`significance` ({significance}) must be above 1 (standard errors), e.g. 3.")
-        if not 0.0 < saturation <= 1.0:
-            raise ValueError(f"`saturation` ({saturation}) must be in (0, 1], e.g. 0.5 (sparsity halved).")
-        if stall_slope <= 0:
-            raise ValueError(f"`stall_slope` ({stall_slope}) must be positive, e.g. 0.01.")
+        check_competence_settings(target_gain, significance, saturation, stall_slope)
         if gate not in GATES:
             raise ValueError(f"`gate` ({gate!r}) must be one of {sorted(GATES)}.")
         if not 0.0 < threshold < 1.0:

@@ -52,6 +52,7 @@ from sp_grpo.functional.reward_weighting import hoyer_sparsity
 
 __all__ = [
     "CompetenceState",
+    "check_competence_settings",
     "competence",
     "gain_zscore",
     "level_competence",
@@ -513,6 +514,25 @@ def saturation_competence(
     return (drop / saturation).clamp(0.0, 1.0) * smoothstep(z, significance, significance + 2.0) * stalled * has
 
 
+def check_competence_settings(target_gain: float, significance: float, saturation: float, stall_slope: float) -> None:
+    """Check the settings of :func:`competence` (callbacks call it at construction, before any batch).
+
+    Raises:
+        ValueError: Naming the setting, its value and the allowed range.
+    """
+    if target_gain <= 0:
+        raise ValueError(
+            f"`target_gain` ({target_gain}) must be positive: it is the gain, in starting stds of one reward, that "
+            "counts as mastery, e.g. 1.0."
+        )
+    if significance <= 1:
+        raise ValueError(f"`significance` ({significance}) must be above 1: it is the z-score a gain must clear, e.g. 3.")
+    if not 0.0 < saturation <= 1.0:
+        raise ValueError(f"`saturation` ({saturation}) must be in (0, 1]: the relative drop of group sparsity, e.g. 0.5.")
+    if stall_slope <= 0:
+        raise ValueError(f"`stall_slope` ({stall_slope}) must be positive, e.g. 0.01.")
+
+
 def competence(
     state: CompetenceState,
     target_gain: float = 1.0,
@@ -545,14 +565,7 @@ def competence(
     Raises:
         ValueError: If a setting is out of range.
     """
-    if target_gain <= 0:
-        raise ValueError(f"`target_gain` ({target_gain}) must be positive: it is the gain, in starting stds of one reward, that counts as mastery.")
-    if significance <= 1:
-        raise ValueError(f"`significance` ({significance}) must be above 1: it is the z-score a gain must clear, e.g. 3.")
-    if not 0.0 < saturation <= 1.0:
-        raise ValueError(f"`saturation` ({saturation}) must be in (0, 1]: it is the relative drop of group sparsity.")
-    if stall_slope <= 0:
-        raise ValueError(f"`stall_slope` ({stall_slope}) must be positive, e.g. 0.01.")
+    check_competence_settings(target_gain, significance, saturation, stall_slope)
     parts = [
         progress_competence(state, target_gain, significance, decay),
         saturation_competence(state, saturation, stall_slope, significance, decay),
