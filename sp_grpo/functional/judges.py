@@ -6,6 +6,10 @@ normalized, grouped ``temporal_patch_size`` frames at a time, and flattened patc
 order the vision tower's 2x2 token merger expects. ``transformers`` ships this as its video
 processor, which needs ``torchvision``; these functions do the same in plain torch on tensors that are
 already frames in ``[0, 1]`` (no decoding), so a judge runs on the generator's output directly.
+
+:func:`answer_spellings` is the one definition of how a yes/no answer's first token may be spelled;
+the in-process judge maps it to token ids, the HTTP judge matches it against the tokens a server
+returns, and both sum the probability over every spelling.
 """
 
 from __future__ import annotations
@@ -17,7 +21,71 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["patchify_video", "resize_for_patches", "smart_size", "yes_probability"]
+__all__ = [
+    "QWEN_VIDEO_MAX_PIXELS",
+    "QWEN_VIDEO_MIN_PIXELS",
+    "answer_spellings",
+    "patchify_video",
+    "resize_for_patches",
+    "smart_size",
+    "video_frame_count",
+    "yes_probability",
+]
+
+# Qwen2-VL / Qwen2.5-VL video input defaults (transformers' `Qwen2VLVideoProcessor.size` and qwen-vl-utils'
+# VIDEO_MIN_PIXELS / VIDEO_MAX_PIXELS): a frame's area after resizing. They differ from the image
+# processor's (56 * 56 .. 28 * 28 * 1280), which a hub folder's preprocessor_config.json holds.
+QWEN_VIDEO_MIN_PIXELS = 128 * 28 * 28
+QWEN_VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+
+def answer_spellings(words: Sequence[str]) -> tuple[str, ...]:
+    """Every spelling of the answer words a first answer token may have, without duplicates.
+
+    A chat model may start its answer with ``"Yes"``, ``" Yes"``, ``"yes"`` or ``" yes"``, each a
+    different token; a judge's score sums the probability of all of them. Spellings that are not one
+    token of a given tokenizer are dropped by the caller.
+
+    Args:
+        words: the answer words as written in the question, e.g. ``("Yes",)``.
+
+    Returns:
+        Each word as given, after a space, in lower case, and in lower case after a space, in that order.
+
+    Example:
+        >>> answer_spellings(["Yes"])
+        ('Yes', ' Yes', 'yes', ' yes')
+    """
+    spellings: dict[str, None] = {}  # an ordered set
+    for word in words:
+        word = word.strip()
+        for form in (word, " " + word, word.lower(), " " + word.lower()):
+            spellings[form] = None
+    return tuple(spellings)
+
+
+def video_frame_count(total: int, num_frames: int, temporal_patch_size: int) -> int:
+    """How many frames of a ``total``-frame video a Qwen2-VL video input takes.
+
+    The vision tower reads ``temporal_patch_size`` frames per patch, so the count is rounded down to a
+    multiple of it (as Qwen's video processors do), never above ``total``; a video shorter than one
+    temporal patch is used whole (its last frame is repeated by :func:`patchify_video`).
+
+    .. math:: n = \\max\\bigl(t\\,\\lfloor \\min(N, T) / t \\rfloor,\\ \\min(T, t)\\bigr)
+
+    Args:
+        total: frames in the video, ``T``.
+        num_frames: frames asked for, ``N``.
+        temporal_patch_size: ``t`` (2 for Qwen2-VL and Qwen2.5-VL).
+
+    Returns:
+        The number of frames to sample.
+
+    Example:
+        >>> video_frame_count(16, 8, 2), video_frame_count(5, 8, 2), video_frame_count(1, 8, 2)
+        (8, 4, 1)
+    """
+    return max(temporal_patch_size * (min(num_frames, total) // temporal_patch_size), min(total, temporal_patch_size))
 
 
 def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

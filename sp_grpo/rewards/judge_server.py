@@ -5,8 +5,9 @@ endpoint and every training rank calls it for its own samples (nothing is gather
 Each (video, question) pair is one request: the sampled frames as base64 PNG images, then the
 question. The score is, in order of preference:
 
-* ``"logprobs"``: P("Yes") from the first answer token's ``top_logprobs``, renormalized over the
-  yes and no spellings (the quantity :class:`~sp_grpo.rewards.vlm_judge.QwenVLJudge` computes in
+* ``"logprobs"``: P("Yes") from the first answer token's ``top_logprobs``, summed over the spellings of
+  yes and of no (:func:`~sp_grpo.functional.judges.answer_spellings`, shared with the in-process judge)
+  and renormalized over the two (the quantity :class:`~sp_grpo.rewards.vlm_judge.QwenVLJudge` computes in
   process; but a chat server sees the frames as separate images, not as one video, so its scores
   differ from the in-process judge's on the same model);
 * ``"rating"``: the question asks for one integer from 1 (no) to ``rating_scale`` (yes) and the reply
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sp_grpo.functional.judges import answer_spellings, yes_probability
 from sp_grpo.rewards.backbones import SharedModel
 from sp_grpo.rewards.base import evenly_spaced_frames
 from sp_grpo.rewards.judges import VideoJudge
@@ -107,9 +109,9 @@ class ServerJudge(VideoJudge):
         max_side: frames are downscaled so their longer side is at most this many pixels (smaller
             requests); ``None`` sends them as they are.
         system: the system message.
-        yes_tokens: spellings of yes in ``top_logprobs``, compared after stripping spaces (``" Yes"`` counts as
-            ``"Yes"``), case-sensitive as in :class:`~sp_grpo.rewards.vlm_judge.QwenVLJudge`.
-        no_tokens: spellings of no.
+        yes_tokens: words meaning yes; a ``top_logprobs`` token counts when it is one of their spellings
+            (``"Yes"``, ``" Yes"``, ``"yes"``, ``" yes"``), as in :class:`~sp_grpo.rewards.vlm_judge.QwenVLJudge`.
+        no_tokens: words meaning no.
         top_logprobs: how many alternatives to ask for (vLLM allows up to 20).
         rating_scale: ``N`` of the 1..N rating.
         max_concurrency: requests in flight at once (per process; under DDP, per rank).
@@ -172,8 +174,9 @@ class ServerJudge(VideoJudge):
         self.model, self.questions, self.heads = model, questions, tuple(questions)
         self.scoring: Scoring = scoring
         self.num_frames, self.max_side, self.system = num_frames, max_side, system
-        self.yes = {t.strip() for t in yes_tokens}
-        self.no = {t.strip() for t in no_tokens}
+        self.yes, self.no = set(answer_spellings(yes_tokens)), set(answer_spellings(no_tokens))
+        if both := self.yes & self.no:
+            raise ValueError(f"ServerJudge: {sorted(both)} spell both a yes_tokens and a no_tokens word; keep the two lists apart.")
         self.top_logprobs, self.rating_scale = top_logprobs, rating_scale
         self.max_concurrency, self.timeout, self.retries, self.backoff = max_concurrency, timeout, retries, backoff
         self.api_key_env = api_key_env
@@ -307,23 +310,21 @@ class ServerJudge(VideoJudge):
                 f"ServerJudge: {self.url} returned no logprobs for the first answer token; set `scoring` to 'rating' "
                 "(or 'auto') for servers without logprobs."
             )
-        yes = no = 0.0
-        seen = set()
+        logprobs: dict[str, float] = {}
         for item in candidates:
-            raw, logprob = str(item.get("token", "")), item.get("logprob")
-            if raw in seen or not isinstance(logprob, (int, float)) or not math.isfinite(logprob):
-                continue  # the chosen token repeats in top_logprobs: count it once; -inf adds nothing
-            seen.add(raw)
-            token = raw.strip()  # "Yes" and " Yes" are distinct tokens with the same meaning
-            yes += math.exp(logprob) if token in self.yes else 0.0
-            no += math.exp(logprob) if token in self.no else 0.0
-        if yes + no <= 0.0:
+            token, logprob = str(item.get("token", "")), item.get("logprob")
+            if isinstance(logprob, (int, float)) and math.isfinite(logprob) and (token in self.yes or token in self.no):
+                logprobs.setdefault(token, float(logprob))  # the chosen token repeats in top_logprobs: count it once
+        if not logprobs:
             tokens = [item.get("token") for item in candidates][:10]
             raise JudgeServerError(
                 f"ServerJudge: {self.url} put no probability on a yes/no answer (top tokens {tokens}); the judge did not "
                 "answer the question. Check `questions`, `yes_tokens`/`no_tokens` and `model`."
             )
-        return yes / (yes + no)
+        tokens = list(logprobs)
+        yes_at = [i for i, token in enumerate(tokens) if token in self.yes]
+        no_at = [i for i, token in enumerate(tokens) if token in self.no]
+        return float(yes_probability(torch.tensor([list(logprobs.values())]), yes_at, no_at))
 
     def _rating_score(self, answer: dict[str, Any]) -> float:
         text = _first_message(answer)

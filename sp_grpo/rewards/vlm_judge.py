@@ -31,12 +31,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from sp_grpo.functional.judges import patchify_video, resize_for_patches, yes_probability
+from sp_grpo.functional.judges import (
+    QWEN_VIDEO_MAX_PIXELS,
+    QWEN_VIDEO_MIN_PIXELS,
+    answer_spellings,
+    patchify_video,
+    resize_for_patches,
+    video_frame_count,
+    yes_probability,
+)
 from sp_grpo.rewards.backbones import FrozenModel
 from sp_grpo.rewards.base import evenly_spaced_frames
 from sp_grpo.rewards.judges import VideoJudge
 
-__all__ = ["DEFAULT_QUESTIONS", "FrozenVLM", "QwenVLJudge"]
+__all__ = ["DEFAULT_QUESTIONS", "FrozenVLM", "QwenVLJudge", "answer_token_ids"]
 
 DEFAULT_QUESTIONS: dict[str, str] = {
     "VQ": "Is this video of high visual quality: sharp, clean, well exposed and free of artifacts? Answer Yes or No.",
@@ -50,8 +58,6 @@ DEFAULT_QUESTIONS: dict[str, str] = {
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Qwen2-VL's video processor defaults, used when the folder has no preprocessor config.
-_DEFAULT_PIXELS = (128 * 28 * 28, 768 * 28 * 28)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,7 +70,7 @@ class FrozenVLM(FrozenModel):
     Args:
         model: the loaded model.
         tokenizer: its tokenizer.
-        preprocessor: the folder's video (or image) preprocessor settings, possibly empty.
+        preprocessor: the folder's video preprocessor settings, possibly empty.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, preprocessor: Mapping[str, Any]) -> None:
@@ -87,11 +93,50 @@ class FrozenVLM(FrozenModel):
 _LOADED: weakref.WeakValueDictionary[tuple[str, str], FrozenVLM] = weakref.WeakValueDictionary()
 
 
-def _read_preprocessor(folder: Path) -> dict[str, Any]:
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        if (folder / name).is_file():
-            return json.loads((folder / name).read_text())
+def _read_video_preprocessor(folder: Path) -> dict[str, Any]:
+    """The folder's video processor settings: nested in processor_config.json (transformers 5), or its own file.
+
+    The image processor's preprocessor_config.json is not read: its pixel limits are for still images
+    (Qwen2.5-VL's hub folder allows 12.8 M pixels per image), not for video frames.
+    """
+    nested = folder / "processor_config.json"
+    if nested.is_file() and isinstance(video := json.loads(nested.read_text()).get("video_processor"), dict):
+        return video
+    if (folder / "video_preprocessor_config.json").is_file():
+        return json.loads((folder / "video_preprocessor_config.json").read_text())
     return {}
+
+
+def answer_token_ids(tokenizer: Any, words: Sequence[str], setting: str) -> list[int]:
+    """Token ids of every spelling of ``words`` (:func:`~sp_grpo.functional.judges.answer_spellings`) that is one token.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        words: answer words, e.g. ``("Yes",)``.
+        setting: the setting's name, for the error message.
+
+    Returns:
+        Distinct ids, in spelling order (spellings that encode to the same id count once).
+
+    Raises:
+        ValueError: If no spelling of a word is a single known token.
+    """
+    ids: dict[int, None] = {}
+    for word in words:
+        found = [
+            encoded[0]
+            for spelling in answer_spellings([word])
+            if len(encoded := tokenizer.encode(spelling, add_special_tokens=False)) == 1
+            and encoded[0] != tokenizer.unk_token_id
+        ]
+        if not found:
+            encoded = tokenizer.encode(word, add_special_tokens=False)
+            raise ValueError(
+                f"QwenVLJudge: {setting} entry {word!r} is {len(encoded)} tokens {encoded}, and none of its spellings "
+                f"{list(answer_spellings([word]))} is one known token; give a word the tokenizer has as one token."
+            )
+        ids.update(dict.fromkeys(found))
+    return list(ids)
 
 
 def _resolve_dtype(dtype: str) -> torch.dtype:
@@ -137,7 +182,7 @@ def load_frozen_vlm(folder: str | os.PathLike, dtype: str = "auto") -> FrozenVLM
         model_class = _model_class(config.model_type)
         model = model_class.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        loaded = FrozenVLM(model, tokenizer, _read_preprocessor(path))
+        loaded = FrozenVLM(model, tokenizer, _read_video_preprocessor(path))
         _LOADED[key] = loaded
     return loaded
 
@@ -154,14 +199,17 @@ def _model_class(model_type: str) -> type:
 class QwenVLJudge(VideoJudge):
     """Qwen2.5-VL asked one yes/no question per head; each head's score is P("Yes") in ``[0, 1]``.
 
-    Frames are sampled evenly (first and last included), resized and patched as Qwen2-VL's video
-    processor does (:func:`~sp_grpo.functional.judges.resize_for_patches`,
-    :func:`~sp_grpo.functional.judges.patchify_video`), and shown in Qwen's chat format::
+    Frames are sampled evenly (first and last included), as many as ``num_frames`` rounded down to a
+    multiple of the vision tower's temporal patch (:func:`~sp_grpo.functional.judges.video_frame_count`),
+    resized within the video processor's pixel limits and patched as Qwen2-VL's video processor does
+    (:func:`~sp_grpo.functional.judges.resize_for_patches`, :func:`~sp_grpo.functional.judges.patchify_video`),
+    and shown in Qwen's chat format::
 
         <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|video_pad|>...
         <|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n
 
-    The next token's logits give
+    The next token's logits give, summed over every one-token spelling of the yes and no words
+    (``"Yes"``, ``" Yes"``, ``"yes"``, ``" yes"``: :func:`~sp_grpo.functional.judges.answer_spellings`),
 
     .. math:: s = \\frac{\\sum_{y \\in \\text{yes}} e^{\\ell_y}}{\\sum_{y \\in \\text{yes}} e^{\\ell_y}
         + \\sum_{n \\in \\text{no}} e^{\\ell_n}}.
@@ -173,23 +221,27 @@ class QwenVLJudge(VideoJudge):
         model: a local Qwen2.5-VL / Qwen2-VL folder, or a :class:`FrozenVLM`.
         questions: head -> question; ``{prompt}`` is replaced by the sample's prompt. ``None`` uses
             :data:`DEFAULT_QUESTIONS` (``VQ`` visual quality, ``MQ`` motion, ``TA`` text alignment).
-        num_frames: frames shown to the judge, evenly spaced; a video with fewer is used whole.
+        num_frames: frames shown to the judge, evenly spaced; a multiple of the model's temporal patch
+            size (2). A shorter video gives its frame count rounded down to that multiple.
         fps: the frame rate of the frames shown (sets the time between temporal positions; Qwen2.5-VL
             was trained on about 2 frames per second).
-        min_pixels: the smallest frame area after resizing; ``None`` reads the folder's preprocessor
-            config (Qwen's default ``128 * 28 * 28``).
-        max_pixels: the largest frame area; ``None`` reads the config (``768 * 28 * 28``). Lower it to
-            make the judge cheaper: tokens per video are ``frames / 2 * area / 28**2``.
+        min_pixels: the smallest frame area after resizing; ``None`` reads the folder's video
+            processor config, else Qwen's video default ``128 * 28 * 28`` (the image processor's
+            limits are not used for video).
+        max_pixels: the largest frame area; ``None`` reads the video config, else ``768 * 28 * 28``.
+            Lower it to make the judge cheaper: tokens per video are ``frames / 2 * area / 28**2``.
         system: the system message.
-        yes_tokens: spellings of yes; each must be one token.
-        no_tokens: spellings of no; each must be one token.
+        yes_tokens: words meaning yes; each counts in every spelling that is one token.
+        no_tokens: words meaning no.
         batch_size: (video, question) pairs per forward pass.
         dtype: ``"auto"`` (bf16 on a bf16-capable GPU, else fp32), ``"float32"``, ``"bfloat16"`` or
             ``"float16"``; used when ``model`` is a path.
 
     Raises:
-        ValueError: On an empty question mapping, non-positive sizes, a yes/no spelling that is not
-            one token, or a tokenizer without Qwen's chat and vision tokens.
+        ValueError: On an empty question mapping, non-positive sizes, ``num_frames`` not a multiple of
+            the temporal patch size, a yes/no word with no one-token spelling, a word that means both,
+            video processor settings that contradict the model, or a tokenizer without Qwen's chat
+            and vision tokens.
     """
 
     def __init__(
@@ -226,10 +278,23 @@ class QwenVLJudge(VideoJudge):
         vision = self.vlm.model.config.vision_config
         self.patch_size, self.merge_size = int(vision.patch_size), int(vision.spatial_merge_size)
         self.temporal_patch_size = int(vision.temporal_patch_size)
+        if num_frames % self.temporal_patch_size:
+            raise ValueError(
+                f"QwenVLJudge: `num_frames` ({num_frames}) must be a multiple of the model's temporal patch size "
+                f"({self.temporal_patch_size}): the vision tower reads frames in groups of that size; set `num_frames` "
+                f"to {max(self.temporal_patch_size, num_frames - num_frames % self.temporal_patch_size)}."
+            )
         pre = self.vlm.preprocessor
+        for key, value in (("patch_size", self.patch_size), ("merge_size", self.merge_size),
+                           ("temporal_patch_size", self.temporal_patch_size)):
+            if key in pre and int(pre[key]) != value:
+                raise ValueError(
+                    f"QwenVLJudge: the folder's video processor has {key}={pre[key]} but the model's vision tower "
+                    f"{value}; the folder mixes two models."
+                )
         size = pre.get("size") or {}
-        self.min_pixels = int(min_pixels or pre.get("min_pixels") or size.get("shortest_edge") or _DEFAULT_PIXELS[0])
-        self.max_pixels = int(max_pixels or pre.get("max_pixels") or size.get("longest_edge") or _DEFAULT_PIXELS[1])
+        self.min_pixels = int(min_pixels or pre.get("min_pixels") or size.get("shortest_edge") or QWEN_VIDEO_MIN_PIXELS)
+        self.max_pixels = int(max_pixels or pre.get("max_pixels") or size.get("longest_edge") or QWEN_VIDEO_MAX_PIXELS)
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"QwenVLJudge: `min_pixels` ({self.min_pixels}) must not exceed `max_pixels` ({self.max_pixels})."
@@ -238,8 +303,12 @@ class QwenVLJudge(VideoJudge):
         self.image_std = tuple(pre.get("image_std", _CLIP_STD))
 
         tokenizer = self.vlm.tokenizer
-        self.yes_ids = [self._single_token(t, "yes_tokens") for t in yes_tokens]
-        self.no_ids = [self._single_token(t, "no_tokens") for t in no_tokens]
+        self.yes_ids = answer_token_ids(tokenizer, yes_tokens, "yes_tokens")
+        self.no_ids = answer_token_ids(tokenizer, no_tokens, "no_tokens")
+        if both := set(self.yes_ids) & set(self.no_ids):
+            raise ValueError(
+                f"QwenVLJudge: token ids {sorted(both)} spell both a yes_tokens and a no_tokens word; keep the two lists apart."
+            )
         for token in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"):
             if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
                 raise ValueError(
@@ -259,28 +328,29 @@ class QwenVLJudge(VideoJudge):
              self.yes_ids, self.no_ids)
         )
 
-    def _single_token(self, text: str, setting: str) -> int:
-        ids = self.vlm.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(
-                f"QwenVLJudge: {setting} entry {text!r} is {len(ids)} tokens {ids}; each spelling must be one token."
-            )
-        return ids[0]
-
     def frame_indices(self, total: int) -> list[int]:
-        """Evenly spaced frame indices out of ``total``, first and last included."""
-        return evenly_spaced_frames(total, self.num_frames)
+        """Evenly spaced frame indices out of ``total``, first and last included, a whole number of temporal patches."""
+        return evenly_spaced_frames(total, video_frame_count(total, self.num_frames, self.temporal_patch_size))
+
+    def video_inputs(self, videos: Tensor) -> list[tuple[Tensor, tuple[int, int, int]]]:
+        """The vision tower's input for each video: sampled, resized, normalized and patched frames.
+
+        Args:
+            videos: ``(B, T, 3, H, W)`` in ``[0, 1]``.
+
+        Returns:
+            Per video, ``(patches, (grid_t, grid_h, grid_w))`` as :func:`~sp_grpo.functional.judges.patchify_video`.
+        """
+        frames = videos[:, self.frame_indices(videos.shape[1])].to(self.vlm.device)
+        factor = self.patch_size * self.merge_size
+        pixels = resize_for_patches(frames, factor, self.min_pixels, self.max_pixels, self.image_mean, self.image_std)
+        return [patchify_video(v, self.patch_size, self.merge_size, self.temporal_patch_size) for v in pixels]
 
     def judge(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         return self.vlm.memoized(self._memo_kind, (videos, tuple(prompts)), lambda: self._score(videos, prompts))
 
     def _score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-        device = self.vlm.device
-        frames = videos[:, self.frame_indices(videos.shape[1])].to(device)
-        pixels = resize_for_patches(
-            frames, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels, self.image_mean, self.image_std
-        )
-        patched = [patchify_video(v, self.patch_size, self.merge_size, self.temporal_patch_size) for v in pixels]
+        patched = self.video_inputs(videos)
         pairs = [(b, head) for b in range(len(prompts)) for head in self.heads]  # video-major
         scores = []
         for start in range(0, len(pairs), self.batch_size):

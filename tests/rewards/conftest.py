@@ -1,5 +1,7 @@
 """A tiny CLIP built offline, trained for a few steps to tell colours apart, saved to disk."""
 
+import json
+
 import pytest
 import torch
 
@@ -90,13 +92,13 @@ def build_qwen_tokenizer():
     return fast
 
 
-def build_tiny_qwen_vl(path):
+def build_tiny_qwen_vl(path, tokenizer=None):
     """Save a random Qwen2.5-VL (2 text + 2 vision layers, width 32), its tokenizer and processor settings."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(0)
-    tokenizer = build_qwen_tokenizer()
+    tokenizer = build_qwen_tokenizer() if tokenizer is None else tokenizer
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
     text = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -115,9 +117,21 @@ def build_tiny_qwen_vl(path):
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    # Frames of 16-32 px: factor 8 (patch 4 x merge 2), at most 32 x 32 per frame.
-    Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=32 * 32).save_pretrained(path)
+    # The image processor's limits differ from the video processor's, as in Qwen's hub folders: the judge reads video's.
+    Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64).save_pretrained(path)
+    save_video_processor_config(path, min_pixels=8 * 8, max_pixels=32 * 32)  # frames of 16-32 px: factor 8
     return path
+
+
+def save_video_processor_config(path, min_pixels, max_pixels):
+    """Write video_preprocessor_config.json as `Qwen2VLVideoProcessor.save_pretrained` does (it needs torchvision)."""
+    config = {
+        "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "patch_size": 4, "merge_size": 2,
+        "temporal_patch_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_resize": True, "do_rescale": True, "do_normalize": True,
+    }
+    (path / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,9 @@
 Run as a separate process: ``python fake_chat_server.py --mode MODE`` prints ``PORT <n>`` once it
 listens on 127.0.0.1. Modes:
 
-* ``brightness``: answers with ``top_logprobs`` where P("Yes") is the mean brightness of the images;
+* ``brightness``: answers with ``top_logprobs`` where P("Yes") is the mean brightness of the images,
+  split evenly over the spellings ``--yes-spellings`` (and P("No") over ``--no-spellings``);
 * ``rating``: no logprobs; asked for a 1..N rating it replies the brightness as that integer;
-* ``qwen``: runs the tiny Qwen2.5-VL from ``--model-dir`` on the decoded frames and returns the 20
-  most likely first tokens with their log-softmax values, as vLLM does;
 * ``garbage``: HTTP 200 with a body that is not JSON;
 * ``nonsense``: valid JSON whose answer is neither yes nor no nor a rating;
 * ``flaky``: the first ``--failures`` requests get HTTP 503, later ones behave like ``brightness``;
@@ -14,7 +13,14 @@ listens on 127.0.0.1. Modes:
 
 ``--fail-after N`` answers like ``nonsense`` from request ``N + 1`` on (a judge that breaks mid-run).
 
-``GET /stats`` returns ``{"requests": n, "max_in_flight": m}``.
+``--gather N`` holds the first ``N`` requests until all ``N`` are in flight at once (a barrier, so a
+client that keeps ``N`` requests in flight is seen doing so however slow the machine is). A request
+counts as in flight from its arrival until just before its answer is written: the client cannot send
+its next request before the count went down, so the count never exceeds the client's concurrency.
+
+``GET /stats`` returns ``{"requests": n, "max_in_flight": m, "gather_broken": bool}``.
+
+The tiny Qwen2.5-VL served with real logprobs is ``tiny_vlm_server.py``.
 """
 
 import argparse
@@ -28,7 +34,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATE = {"requests": 0, "in_flight": 0, "max_in_flight": 0}
+STATE = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "gather_broken": False}
 LOCK = threading.Lock()
 
 
@@ -61,39 +67,12 @@ def chat_reply(content=None, top=None):
     }
 
 
-def yes_no_top(p):
+def yes_no_top(p, yes_spellings=("Yes",), no_spellings=("No",)):
     p = min(max(p, 1e-6), 1 - 1e-6)
-    top = [{"token": "Yes", "logprob": math.log(p)}, {"token": "No", "logprob": math.log(1 - p)}, {"token": " the", "logprob": -30.0}]
+    top = [{"token": t, "logprob": math.log(p / len(yes_spellings))} for t in yes_spellings]
+    top += [{"token": t, "logprob": math.log((1 - p) / len(no_spellings))} for t in no_spellings]
+    top.append({"token": " the", "logprob": -30.0})
     return sorted(top, key=lambda t: -t["logprob"])
-
-
-class QwenScorer:
-    def __init__(self, model_dir):
-        import torch
-
-        from sp_grpo.rewards.vlm_judge import load_frozen_vlm
-
-        self.torch, self.vlm = torch, load_frozen_vlm(model_dir, "float32")
-        self.lock = threading.Lock()
-
-    def top_logprobs(self, frames, system, question, k=20):
-        from sp_grpo.rewards.vlm_judge import QwenVLJudge
-
-        torch = self.torch
-        video = torch.stack([torch.frombuffer(bytearray(f.tobytes()), dtype=torch.uint8).view(f.height, f.width, 3) for f in frames])
-        video = video.permute(0, 3, 1, 2).float() / 255
-        judge = QwenVLJudge(self.vlm, {"q": question}, num_frames=len(frames), system=system, batch_size=1)
-        captured = []
-        with self.lock:
-            handle = self.vlm.model.register_forward_hook(lambda module, args, out: captured.append(out.logits[0, -1]))
-            try:
-                judge(video[None], [""])
-            finally:
-                handle.remove()
-        logprobs = captured[0].float().log_softmax(-1)
-        values, ids = logprobs.topk(min(k, logprobs.numel()))
-        tokens = self.vlm.tokenizer.convert_ids_to_tokens(ids.tolist())
-        return [{"token": t, "logprob": float(v)} for t, v in zip(tokens, values)]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -109,54 +88,58 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self.send(200, {"requests": STATE["requests"], "max_in_flight": STATE["max_in_flight"]})
+        self.send(200, {key: STATE[key] for key in ("requests", "max_in_flight", "gather_broken")})
 
     def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with LOCK:
             STATE["requests"] += 1
             STATE["in_flight"] += 1
             STATE["max_in_flight"] = max(STATE["max_in_flight"], STATE["in_flight"])
             number = STATE["requests"]
         try:
-            self.answer(number)
+            if number <= self.server.args.gather:
+                try:  # the timeout only keeps a client that never sends N at once from hanging the test
+                    self.server.gather.wait(timeout=60)
+                except threading.BrokenBarrierError:
+                    STATE["gather_broken"] = True
+            reply = self.answer(request, number)
         finally:
             with LOCK:
-                STATE["in_flight"] -= 1
+                STATE["in_flight"] -= 1  # before answering: the client's next request comes after this
+        self.send(*reply)
 
-    def answer(self, number):
+    def answer(self, request, number):
+        """``(status, body[, content type])`` of the reply."""
         args = self.server.args
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if not self.path.endswith("/chat/completions"):
-            return self.send(404, {"error": f"no route {self.path}"})
+            return 404, {"error": f"no route {self.path}"}
         time.sleep(args.delay)
         mode = args.mode
         if args.fail_after is not None and number > args.fail_after:
             mode = "nonsense"
         if mode == "flaky":
             if number <= args.failures:
-                return self.send(503, {"error": "warming up"})
+                return 503, {"error": "warming up"}
             mode = "brightness"
         if mode == "slow":
             mode = "brightness"
         if mode == "garbage":
-            return self.send(200, "<html>502 Bad Gateway</html>", "text/html")
-        system = request["messages"][0]["content"]
+            return 200, "<html>502 Bad Gateway</html>", "text/html"
         content = request["messages"][-1]["content"]
         question = next(part["text"] for part in content if part.get("type") == "text")
         frames = decode_images(content)
         if mode == "nonsense":
-            return self.send(200, chat_reply("Well, it depends.", [{"token": "Well", "logprob": -0.1}, {"token": ",", "logprob": -3.0}]))
+            return 200, chat_reply("Well, it depends.", [{"token": "Well", "logprob": -0.1}, {"token": ",", "logprob": -3.0}])
         if mode == "rating":
             scale = re.search(r"from 1 \(certainly no\) to (\d+)", question)
             if scale is None:  # asked for logprobs, which this server does not give
-                return self.send(200, chat_reply("Yes"))
+                return 200, chat_reply("Yes")
             n = int(scale.group(1))
-            return self.send(200, chat_reply(str(1 + round(brightness(frames) * (n - 1)))))
-        if mode == "qwen":
-            top = self.server.scorer.top_logprobs(frames, system, question, k=request.get("top_logprobs", 20))
-            return self.send(200, chat_reply(top[0]["token"], top))
+            return 200, chat_reply(str(1 + round(brightness(frames) * (n - 1))))
         p = brightness(frames)
-        return self.send(200, chat_reply("Yes" if p >= 0.5 else "No", yes_no_top(p)))
+        top = yes_no_top(p, args.yes_spellings.split(","), args.no_spellings.split(","))
+        return 200, chat_reply(top[0]["token"], top)
 
 
 def main():
@@ -165,11 +148,13 @@ def main():
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--failures", type=int, default=2)
     parser.add_argument("--fail-after", type=int, default=None)
-    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--gather", type=int, default=0)
+    parser.add_argument("--yes-spellings", default="Yes", help="comma-separated, e.g. ' Yes,yes'")
+    parser.add_argument("--no-spellings", default="No")
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.args = args
-    server.scorer = QwenScorer(args.model_dir) if args.mode == "qwen" else None
+    server.gather = threading.Barrier(max(args.gather, 1))
     print(f"PORT {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

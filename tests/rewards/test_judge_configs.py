@@ -40,6 +40,8 @@ def test_judge_config_parses_for_fit_and_score(name):
         assert init["judge"]["class_path"] == judge_class
         assert placeholder in init["judge"]["init_args"].values()
         assert set(init["judge"]["init_args"]["questions"]) == {"VQ", "MQ", "TA"}
+        if name == "judge_server.yaml":  # `auto` would decide per process: under DDP, per rank
+            assert init["judge"]["init_args"]["scoring"] == "logprobs"
     # `sp-grpo score` reads the same file (parsing only; the placeholder is not loaded).
     build_parser().parse_args(["--videos", "videos", "--rewards", str(config)])
 

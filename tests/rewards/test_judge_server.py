@@ -1,4 +1,8 @@
-"""ServerJudge against real server processes on loopback (tests/rewards/fake_chat_server.py)."""
+"""ServerJudge against real server processes on loopback.
+
+``fake_chat_server.py`` answers from the frames' brightness (exact expected scores, failure modes);
+``tiny_vlm_server.py`` runs the tiny random Qwen2.5-VL and returns the model's own logprobs.
+"""
 
 import io
 import json
@@ -16,15 +20,16 @@ from sp_grpo.rewards.judge_server import JudgeServerError, ServerJudge, encode_p
 from sp_grpo.rewards.vlm_judge import QwenVLJudge
 
 SERVER = Path(__file__).with_name("fake_chat_server.py")
+VLM_SERVER = Path(__file__).with_name("tiny_vlm_server.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Server:
-    """A fake chat server in its own process; stopped (by its own pid) when the test ends."""
+    """A chat server script in its own process; stopped (by its own pid) when the test ends."""
 
-    def __init__(self, *args, startup=60.0):
+    def __init__(self, *args, script=SERVER):
         self.process = subprocess.Popen(
-            [sys.executable, str(SERVER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+            [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
         )
         line = self.process.stdout.readline()  # blocks until the server prints its port (or exits)
         if not line.startswith("PORT "):
@@ -45,8 +50,8 @@ class Server:
 def serve():
     servers = []
 
-    def start(*args):
-        servers.append(Server(*args))
+    def start(*args, script=SERVER):
+        servers.append(Server(*args, script=script))
         return servers[-1]
 
     yield start
@@ -91,11 +96,14 @@ def test_without_logprobs_auto_switches_to_a_strict_rating(serve, caplog):
 
 
 def test_requests_run_concurrently_up_to_the_limit(serve):
-    server = serve("--mode", "brightness", "--delay", "0.3")
+    # The server holds the first 3 requests until all 3 are in flight (a barrier, no sleeps), so reaching
+    # the limit does not depend on timing; it counts a request out before answering it, so a client that
+    # sends its next request on an answer is never counted twice: no more than 3 is exact too.
+    server = serve("--mode", "brightness", "--gather", "3")
     judge = ServerJudge(server.url, "fake", {"VQ": "Good?", "MQ": "Smooth?"}, scoring="logprobs", max_concurrency=3)
     judge(grey_videos([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), list("abcdef"))
     stats = server.stats()
-    # Counted by the server, not timed: three requests were in flight at once, never more.
+    assert not stats["gather_broken"]
     assert stats["requests"] == 12 and stats["max_in_flight"] == 3
 
 
@@ -152,11 +160,19 @@ def test_bad_settings_say_what_to_fix():
     assert empty and all(value.shape == (0,) for value in empty.values())
 
 
+def test_yes_and_no_count_in_every_spelling_the_server_returns(serve):
+    # P(Yes) = brightness, split over " Yes" and "yes"; P(No) is " No": the judge sums the yes spellings.
+    server = serve("--mode", "brightness", "--yes-spellings", " Yes,yes", "--no-spellings", " No")
+    out = ServerJudge(server.url, "fake", {"VQ": "Good?"}, scoring="logprobs")(grey_videos([0.2, 0.7]), ["a", "b"])
+    torch.testing.assert_close(out["VQ"], torch.tensor([51 / 255, 178 / 255]), atol=1e-5, rtol=0)
+
+
 def test_served_tiny_qwen_matches_the_in_process_judge(serve, tiny_qwen_vl_dir):
-    # The server runs the same tiny Qwen2.5-VL on the PNG frames and returns vLLM-style top-k logprobs. The
-    # random tiny model spreads its mass over its whole ~50-token vocabulary, so k covers it: with k=20, "No"
-    # sometimes falls outside the list and counts 0 (a trained judge puts nearly all mass on Yes/No).
-    server = serve("--mode", "qwen", "--model-dir", str(tiny_qwen_vl_dir))
+    # A separate process loads the tiny Qwen2.5-VL folder and answers chat requests with the model's own
+    # first-token logprobs (tiny_vlm_server.py). The random tiny model spreads its mass over its whole
+    # ~50-token vocabulary, so top_logprobs=64 covers it (a trained judge puts nearly all mass on yes/no).
+    # Tolerance 1e-5: fp32 on CPU, the in-process judge runs left-padded batches, the server one request each.
+    server = serve("--model-dir", str(tiny_qwen_vl_dir), script=VLM_SERVER)
     videos = (torch.rand(4, 6, 3, 32, 32, generator=torch.Generator().manual_seed(9)) * 255).round() / 255  # PNG-exact
     prompts = ["a red ball", "a dog", "a blue cat", "a yellow dog video"]
     local = QwenVLJudge(str(tiny_qwen_vl_dir), num_frames=4, dtype="float32")(videos, prompts)
@@ -164,6 +180,7 @@ def test_served_tiny_qwen_matches_the_in_process_judge(serve, tiny_qwen_vl_dir):
     for head in local:
         torch.testing.assert_close(remote[head], local[head], atol=1e-5, rtol=0)
         assert remote[head].argsort().tolist() == local[head].argsort().tolist()
+        assert local[head].max() - local[head].min() > 1e-3  # the ranking compares scores that differ
 
 
 def test_judges_with_equal_settings_send_each_request_once(serve):

@@ -4,9 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from sp_grpo.functional.judges import patchify_video, resize_for_patches, smart_size, yes_probability
+from sp_grpo.functional.judges import (
+    QWEN_VIDEO_MAX_PIXELS,
+    QWEN_VIDEO_MIN_PIXELS,
+    patchify_video,
+    resize_for_patches,
+    smart_size,
+    yes_probability,
+)
 from sp_grpo.rewards import JudgeReward, RewardSet
 from sp_grpo.rewards.vlm_judge import DEFAULT_QUESTIONS, QwenVLJudge
+from tests.rewards.conftest import QWEN_SPECIAL, build_tiny_qwen_vl
 
 PROMPTS = ["a red ball", "a dog", "a blue cat video"]
 
@@ -134,6 +142,10 @@ def test_bad_settings_say_what_to_fix(tiny_qwen_vl_dir, tmp_path):
         QwenVLJudge(str(tiny_qwen_vl_dir), {})
     with pytest.raises(ValueError, match="`dtype` \\('int8'\\) must be one of"):
         QwenVLJudge(str(tiny_qwen_vl_dir), dtype="int8")
+    with pytest.raises(ValueError, match=r"`num_frames` \(5\) must be a multiple of the model's temporal patch size \(2\).*set `num_frames` to 4"):
+        QwenVLJudge(str(tiny_qwen_vl_dir), num_frames=5)
+    with pytest.raises(ValueError, match=r"token ids \[\d+\] spell both a yes_tokens and a no_tokens word"):
+        QwenVLJudge(str(tiny_qwen_vl_dir), yes_tokens=["Yes"], no_tokens=["No", "yes"])
 
 
 def test_bfloat16_judge_stays_close_to_fp32(tiny_qwen_vl_dir):
@@ -173,3 +185,83 @@ def test_a_qwen2_vl_folder_works_too(tmp_path):
     for head, scores in together.items():
         assert scores.shape == (2,) and torch.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
         torch.testing.assert_close(scores[1:], alone[head], atol=1e-5, rtol=0)
+
+
+def hub_like_copy(folder, tmp_path):
+    """The folder without its video processor config, as Qwen's hub folders ship (image processor only)."""
+    copy = tmp_path / "hub_like"
+    copy.mkdir()
+    for item in folder.iterdir():
+        if item.name != "video_preprocessor_config.json":
+            (copy / item.name).symlink_to(item)
+    return copy
+
+
+def test_frames_take_the_video_processor_limits_not_the_image_ones(tiny_qwen_vl_dir, tmp_path):
+    clip = videos(n=1, frames=6, size=48, seed=11)
+    # Without a video config: Qwen's video defaults (128..768 tokens of 28x28 px per frame), not the
+    # image processor's limits (64..64*64 px here). 48x48 (2304 px) grows to the smallest multiple of 8
+    # above 128*28*28 px per frame.
+    hub = QwenVLJudge(str(hub_like_copy(tiny_qwen_vl_dir, tmp_path)), num_frames=4)
+    assert (hub.min_pixels, hub.max_pixels) == (QWEN_VIDEO_MIN_PIXELS, QWEN_VIDEO_MAX_PIXELS) == (100352, 602112)
+    # With a video config: its limits, 8*8..32*32 pixels per frame: 48x48 shrinks to 32x32, i.e. 8x8
+    # patches of 4 px, 4 frames in 2 temporal patches.
+    (patches, grid), = QwenVLJudge(str(tiny_qwen_vl_dir), num_frames=4).video_inputs(clip)
+    assert grid == (2, 8, 8) and patches.shape == (2 * 8 * 8, 3 * 2 * 4 * 4)
+    (patches, grid), = hub.video_inputs(clip)
+    assert grid == (2, 80, 80) and patches.shape == (2 * 80 * 80, 3 * 2 * 4 * 4)
+    assert QWEN_VIDEO_MIN_PIXELS <= (80 * 4) ** 2 <= QWEN_VIDEO_MAX_PIXELS
+
+
+def test_frame_count_is_a_whole_number_of_temporal_patches(tiny_qwen_vl_dir):
+    judge = QwenVLJudge(str(tiny_qwen_vl_dir), num_frames=8)
+    assert judge.frame_indices(16) == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert judge.frame_indices(5) == [0, 1, 3, 4]  # 5 frames: 4 of them, two whole temporal patches
+    assert judge.frame_indices(1) == [0]  # shorter than one patch: the frame is repeated
+    (_, grid), = judge.video_inputs(videos(n=1, frames=5))
+    assert grid[0] == 2
+
+
+def test_scores_sum_every_one_token_spelling_of_yes_and_no(tiny_qwen_vl_dir):
+    judge = QwenVLJudge(str(tiny_qwen_vl_dir), {"q": "Is this a video?"}, num_frames=4)
+    tokenizer = judge.vlm.tokenizer
+    ids = {word: tokenizer.convert_tokens_to_ids(word) for word in ("Yes", "yes", "No", "no")}
+    # " Yes" is the same word-level token as "Yes" here: it counts once.
+    assert judge.yes_ids == [ids["Yes"], ids["yes"]] and judge.no_ids == [ids["No"], ids["no"]]
+    captured = []
+    handle = judge.vlm.model.register_forward_hook(lambda module, args, out: captured.append(out.logits[:, -1]))
+    try:
+        scores = judge(videos(n=2, seed=12), ["a", "b"])["q"]
+    finally:
+        handle.remove()
+    probs = captured[0].float().softmax(-1)
+    yes, no = probs[:, ids["Yes"]] + probs[:, ids["yes"]], probs[:, ids["No"]] + probs[:, ids["no"]]
+    torch.testing.assert_close(scores, yes / (yes + no))
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer whose only one-token answers are " Yes", " yes" and " No" (as after a space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "Y"), ("e", "s"), ("ĠY", "es"), ("Ġ", "y"), ("Ġy", "es"), ("Ġ", "N"), ("ĠN", "o")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=QWEN_SPECIAL[0])
+    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    return fast
+
+
+def test_a_tokenizer_with_only_the_leading_space_spelling_still_scores(tmp_path):
+    tokenizer = byte_level_tokenizer()
+    assert len(tokenizer.encode("Yes", add_special_tokens=False)) == 2  # "Y" + "es": not one token
+    folder = build_tiny_qwen_vl(tmp_path / "bpe_qwen", tokenizer)
+    judge = QwenVLJudge(str(folder), {"q": "Is this a video?"}, num_frames=2)
+    one = {text: tokenizer.encode(text, add_special_tokens=False)[0] for text in (" Yes", " yes", " No")}
+    assert judge.yes_ids == [one[" Yes"], one[" yes"]] and judge.no_ids == [one[" No"]]
+    scores = judge(videos(n=2, frames=2, seed=13), ["a", "b"])["q"]
+    assert torch.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
