@@ -137,3 +137,26 @@ def save_video_processor_config(path, min_pixels, max_pixels):
 @pytest.fixture(scope="session")
 def tiny_qwen_vl_dir(tmp_path_factory):
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny_qwen_vl"))
+
+
+def build_tiny_qwen2_vl(path):
+    """Save a random Qwen2-VL (VideoAlign's base family; no `second_per_grid_ts`), its tokenizer and video settings."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = build_qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=4, spatial_merge_size=2),
+        video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    save_video_processor_config(path, min_pixels=8 * 8, max_pixels=32 * 32)
+    return path

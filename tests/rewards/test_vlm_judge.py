@@ -14,7 +14,7 @@ from sp_grpo.functional.judges import (
 )
 from sp_grpo.rewards import JudgeReward, RewardSet
 from sp_grpo.rewards.vlm_judge import DEFAULT_QUESTIONS, QwenVLJudge
-from tests.rewards.conftest import QWEN_SPECIAL, build_tiny_qwen_vl
+from tests.rewards.conftest import QWEN_SPECIAL, build_tiny_qwen2_vl, build_tiny_qwen_vl
 
 PROMPTS = ["a red ball", "a dog", "a blue cat video"]
 
@@ -160,25 +160,7 @@ def test_bfloat16_judge_stays_close_to_fp32(tiny_qwen_vl_dir):
 
 def test_a_qwen2_vl_folder_works_too(tmp_path):
     # Qwen2-VL (VideoAlign's base) has no `second_per_grid_ts`; the judge leaves it out.
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from tests.rewards.conftest import QWEN_SPECIAL, build_qwen_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_qwen_tokenizer()
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=4, spatial_merge_size=2),
-        video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    build_tiny_qwen2_vl(tmp_path)
     clips = videos(n=2, frames=5, seed=10)
     together = QwenVLJudge(str(tmp_path), num_frames=4, min_pixels=64, max_pixels=1024)(clips, PROMPTS[:2])
     alone = QwenVLJudge(str(tmp_path), num_frames=4, min_pixels=64, max_pixels=1024, batch_size=1)(clips[1:], PROMPTS[1:2])
