@@ -1,34 +1,24 @@
-"""Callbacks that set a LightningModule's reward weights: the self-paced curriculum and a fixed baseline.
+"""``SelfPacedCurriculum``: reward weights that follow the generator's competence, fidelity -> temporal -> semantic.
 
-The contract, which any LightningModule can follow:
-
-* the module has a public attribute ``reward_weights: dict[str, float]`` (aspect -> weight), read at
-  the start of each ``training_step``;
-* ``training_step`` returns a dict with ``"aspect_rewards": dict[str, Tensor]`` (per aspect, the flat
-  prompt-major rewards of the batch, shape ``(P*G,)``) and ``"group_size": int``, optionally
-  ``"prompts": list[str]`` (length ``P*G``).
-
-The callbacks write ``reward_weights`` in ``on_fit_start`` (the first batch's weights) and in
-``on_train_batch_end`` (the next batch's weights). The maths lives in
-:mod:`sp_grpo.functional.curriculum`.
+Contract in :mod:`sp_grpo.callbacks.base`; maths in :mod:`sp_grpo.functional.curriculum` and
+:mod:`sp_grpo.functional.competence`.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping, Sequence
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, gather_step, graded_aspects
 from sp_grpo.callbacks.plot import plot_curriculum
-from sp_grpo.callbacks.prompt_difficulty import PromptDifficulty
+from sp_grpo.callbacks.static_weights import StaticWeights
 from sp_grpo.functional.competence import check_competence_settings, gain_zscore
 from sp_grpo.functional.curriculum import (
     ASPECTS,
@@ -40,165 +30,18 @@ from sp_grpo.functional.curriculum import (
     reset_aspects,
     stage_index,
     stage_weights,
+    tighten_strictness,
     unlock_progress,
     update_competence,
-    zero_spread_groups,
 )
 
-
-def _check_aspects(aspects: Sequence[str], setting: str) -> tuple[str, ...]:
-    unknown = [a for a in aspects if a not in ASPECTS]
-    if unknown:
-        raise ValueError(f"`{setting}` has unknown aspects {unknown}; allowed: {list(ASPECTS)}.")
-    if len(set(aspects)) != len(aspects):
-        raise ValueError(f"`{setting}` ({list(aspects)}) lists an aspect twice; list each once.")
-    if not aspects:
-        raise ValueError(f"`{setting}` is empty; name at least one of {list(ASPECTS)}.")
-    # Curriculum order, whatever order the user wrote.
-    return tuple(a for a in ASPECTS if a in aspects)
+__all__ = ["SelfPacedCurriculum", "StaticWeights"]  # StaticWeights lives in static_weights.py; importable here too
 
 
-class _RewardWeightsCallback(Callback):
-    """Shared plumbing: read the step outputs, gather them across ranks, write and log weights."""
-
-    def __init__(self, zero_spread_eps: float = 1e-6) -> None:
-        if zero_spread_eps < 0:
-            raise ValueError(f"`zero_spread_eps` ({zero_spread_eps}) must be non-negative.")
-        self.zero_spread_eps = zero_spread_eps
-        self.aspects: tuple[str, ...] | None = None
-
-    def current_weights(self) -> dict[str, float]:
-        """The weights the module should use for its next batch."""
-        raise NotImplementedError
-
-    def _check_module(self, pl_module: pl.LightningModule) -> None:
-        if not isinstance(getattr(pl_module, "reward_weights", None), dict):
-            raise AttributeError(
-                f"{type(pl_module).__name__} has no `reward_weights` dict, which {type(self).__name__} writes: give the "
-                "module a public attribute `reward_weights: dict[str, float]` (aspect -> weight) and read it in "
-                "`training_step`."
-            )
-
-    def _write_weights(self, pl_module: pl.LightningModule) -> None:
-        pl_module.reward_weights = dict(self.current_weights())
-
-    def _read_outputs(self, outputs: Any) -> tuple[Tensor, int, list[str] | None] | None:
-        """Per-aspect rewards stacked ``(K, P*G)`` in curriculum order, the group size and the prompts."""
-        if outputs is None:
-            return None  # the step was skipped; nothing to learn from
-        if not isinstance(outputs, Mapping) or "aspect_rewards" not in outputs or "group_size" not in outputs:
-            keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
-            raise KeyError(
-                f"{type(self).__name__} needs `training_step` to return a dict with 'aspect_rewards' "
-                f"(dict aspect -> rewards (P*G,)) and 'group_size' (int); got {keys}. Add them to the returned dict."
-            )
-        aspect_rewards = outputs["aspect_rewards"]
-        missing = [a for a in self.aspects if a not in aspect_rewards]
-        if missing:
-            raise KeyError(
-                f"`aspect_rewards` lacks {missing}, which {type(self).__name__} weighs; it has {sorted(aspect_rewards)}. "
-                "Return rewards for every weighted aspect, or set the callback's `aspects`."
-            )
-        rewards = torch.stack([aspect_rewards[a].detach().reshape(-1).float() for a in self.aspects])
-        prompts = outputs.get("prompts")
-        return rewards, int(outputs["group_size"]), (list(prompts) if prompts is not None else None)
-
-    @staticmethod
-    def _gather(
-        trainer: pl.Trainer, rewards: Tensor, prompts: list[str] | None
-    ) -> tuple[Tensor, list[str] | None]:
-        """Rewards ``(K, N_total)`` and prompts of all ranks, in rank order; identical on every rank."""
-        if trainer.world_size <= 1:
-            return rewards, prompts
-        # Ranks may hold different numbers of samples (uneven last batch): pad to the largest, then cut.
-        sizes = trainer.strategy.all_gather(torch.tensor([rewards.shape[1]], device=rewards.device)).reshape(-1)
-        longest = int(sizes.max())
-        padded = torch.nn.functional.pad(rewards, (0, longest - rewards.shape[1]))
-        gathered = trainer.strategy.all_gather(padded)  # (W, K, longest)
-        rewards = torch.cat([gathered[r, :, : int(n)] for r, n in enumerate(sizes.tolist())], dim=1)
-        if prompts is not None and dist.is_available() and dist.is_initialized():
-            every: list[list[str] | None] = [None] * trainer.world_size
-            dist.all_gather_object(every, prompts)
-            prompts = [p for rank_prompts in every for p in rank_prompts]
-        return rewards, prompts
-
-    def _zero_spread_count(self, rewards: Tensor, group_size: int) -> int:
-        weights = torch.tensor([self.current_weights()[a] for a in self.aspects])
-        return int(zero_spread_groups(rewards.cpu(), group_size, weights, self.zero_spread_eps).sum())
-
-
-class StaticWeights(_RewardWeightsCallback):
-    """Fixed reward weights: the baseline with the same contract as :class:`SelfPacedCurriculum`.
-
-    The weights are normalised to sum to 1, so ``{"fidelity": 2, "temporal": 1, "semantic": 1}`` and
-    ``{"fidelity": 0.5, "temporal": 0.25, "semantic": 0.25}`` train identically and compare with the
-    curriculum on one scale. Logs ``curriculum/weight_<aspect>`` and ``curriculum/zero_std_groups``.
-
-    Args:
-        weights: Aspect -> non-negative weight; aspects from ``fidelity``, ``temporal``, ``semantic``;
-            normalised to sum 1.
-        zero_spread_eps: Group reward spread at or below which a group counts as teaching nothing.
-
-    Raises:
-        ValueError: If an aspect is unknown, a weight negative or the weights sum to 0.
-
-    Example:
-        >>> StaticWeights({"fidelity": 2.0, "semantic": 2.0}).current_weights()
-        {'fidelity': 0.5, 'semantic': 0.5}
-    """
-
-    def __init__(self, weights: dict[str, float], zero_spread_eps: float = 1e-6) -> None:
-        super().__init__(zero_spread_eps)
-        self.aspects = _check_aspects(list(weights), "weights")
-        negative = {a: w for a, w in weights.items() if w < 0}
-        if negative:
-            raise ValueError(f"`weights` must be non-negative, got {negative}; set them to 0 or more.")
-        total = float(sum(weights.values()))
-        if total <= 0:
-            raise ValueError(f"`weights` ({dict(weights)}) sum to {total}; give at least one aspect a positive weight.")
-        self.weights = {a: float(weights[a]) / total for a in self.aspects}
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(aspects=self.aspects)
-
-    def current_weights(self) -> dict[str, float]:
-        return dict(self.weights)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_module(pl_module)
-        self._write_weights(pl_module)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        read = self._read_outputs(outputs)
-        metrics = {f"curriculum/weight_{a}": w for a, w in self.weights.items()}
-        if read is not None:
-            rewards, group_size, _ = read
-            rewards, _ = self._gather(trainer, rewards, None)
-            metrics["curriculum/zero_std_groups"] = float(self._zero_spread_count(rewards, group_size))
-        # The module might have changed its weights; the baseline keeps them fixed.
-        self._write_weights(pl_module)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": dict(self.weights)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The configured weights win (one place for each setting); a change is worth a warning.
-        if state_dict.get("weights") != self.weights:
-            warnings.warn(
-                f"StaticWeights: the checkpoint has weights {state_dict.get('weights')} but the callback is configured "
-                f"with {self.weights}; continuing with the configured weights.",
-                stacklevel=2,
-            )
-
-
-class SelfPacedCurriculum(_RewardWeightsCallback):
+class SelfPacedCurriculum(RewardWeightsCallback):
     """Self-paced reward curriculum: shifts weight fidelity -> temporal -> semantic as competence grows.
 
-    After every training batch it gathers the per-aspect rewards (and prompts) of all ranks, updates
+    After every training batch it gathers the per-aspect rewards and prompts of all ranks, updates
     each aspect's competence statistics (:func:`~sp_grpo.functional.competence.update_competence`)
     and reads a competence in [0, 1] per aspect (:func:`~sp_grpo.functional.competence.competence`):
     the largest of
@@ -225,12 +68,15 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
     Logs each step ``curriculum/weight_<aspect>``, ``curriculum/competence_<aspect>``,
     ``curriculum/level_<aspect>`` (start level plus gain), ``curriculum/gain_z_<aspect>`` (the gain in
     standard errors), ``curriculum/strictness_<aspect>`` (graded aspects), ``curriculum/stage``,
-    ``curriculum/progress`` and ``curriculum/zero_std_groups``; at the end of fit, rank 0 writes
-    ``plot_filename`` into the log folder. Statistics, strictness and history are saved in
-    checkpoints, so a resumed run continues exactly and plots the whole run.
+    ``curriculum/progress`` and ``curriculum/zero_std_groups``. At the end of fit, with a
+    :class:`~lightning.pytorch.loggers.CSVLogger`, rank 0 draws ``plot_filename`` into that logger's
+    folder from its ``metrics.csv`` (:func:`~sp_grpo.callbacks.plot_curriculum`; a resumed run's
+    logger folder holds the steps since the resume). Statistics, strictness and the last
+    ``history_size`` records of :attr:`history` are saved in checkpoints, so a resumed run continues
+    exactly and the checkpoint stays bounded.
 
-    To change how competence or progress is computed, subclass and override
-    :meth:`compute_competence` or :meth:`compute_progress`.
+    To change how competence is computed, subclass and override :meth:`compute_competence`, the one
+    override point (the statistics it reads are :class:`~sp_grpo.functional.competence.CompetenceState`).
 
     Pace (defaults, 4 prompts x 4 samples per batch, rewards with std 0.1): a mean reward that rises by
     0.002 per step (2 % of its std) unlocks the next aspect after about 70 steps, warm-up included;
@@ -258,10 +104,8 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         strictness_start: Strictness in [0, 1] that graded aspects start from when ``strictness_step`` is set.
         max_prompts: Most per-prompt baselines kept (the oldest are dropped), so the state stays bounded.
         zero_spread_eps: Group reward spread at or below which a group counts as teaching nothing.
-        track_prompts: Keep per-prompt difficulty statistics (``self.prompt_difficulty``) from the step's ``prompts``.
-        prompt_decay: EMA factor in [0, 1) of the per-prompt statistics.
-        prompt_min_weight: Sampling weight in (0, 1] of prompts whose groups are always flat (mastered or hopeless).
-        plot_filename: PNG written into the log folder at the end of fit; ``None`` writes no plot.
+        history_size: Most records kept in :attr:`history` (the latest), so checkpoints stay bounded.
+        plot_filename: PNG written into the CSV logger's folder at the end of fit; ``None`` writes no plot.
 
     Raises:
         ValueError: If a setting is out of range; the message names the allowed values.
@@ -286,13 +130,11 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         strictness_start: float = 0.0,
         max_prompts: int = 4096,
         zero_spread_eps: float = 1e-6,
-        track_prompts: bool = True,
-        prompt_decay: float = 0.5,
-        prompt_min_weight: float = 0.1,
+        history_size: int = 1000,
         plot_filename: str | None = "curriculum.png",
     ) -> None:
         super().__init__(zero_spread_eps)
-        self._configured_aspects = _check_aspects(aspects, "aspects") if aspects is not None else None
+        self._configured_aspects = check_aspects(aspects, "aspects") if aspects is not None else None
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"`decay` ({decay}) must be in [0, 1); 0.9 averages about 10 batches.")
         if warmup_steps < 1:
@@ -316,8 +158,10 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
             raise ValueError(f"`strictness_start` ({strictness_start}) must be in [0, 1]: 0 is coarse, 1 strict.")
         if max_prompts < 1:
             raise ValueError(f"`max_prompts` ({max_prompts}) must be at least 1.")
+        if history_size < 1:
+            raise ValueError(f"`history_size` ({history_size}) must be at least 1 (records kept for inspection).")
         if targets is not None:
-            _check_aspects(list(targets), "targets")
+            check_aspects(list(targets), "targets")
         self.decay = decay
         self.warmup_steps = warmup_steps
         self.target_gain = target_gain
@@ -333,23 +177,30 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         self.strictness_step = strictness_step
         self.strictness_start = strictness_start
         self.max_prompts = max_prompts
+        self.history_size = history_size
         self.plot_filename = plot_filename
-        self.prompt_difficulty = PromptDifficulty(prompt_decay, prompt_min_weight) if track_prompts else None
         self.aspects = self._configured_aspects
         self._state: CompetenceState | None = None
         self._progress: Tensor | None = None
         self._strictness: Tensor | None = None  # (K,), NaN for aspects without a graded reward
         self._passed: Tensor | None = None  # (K,) bool: competent at least once (then tightened)
-        self._history: list[dict[str, Any]] = []
+        self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(aspects=self._configured_aspects)
 
-    # -- override points -------------------------------------------------------------------------
+    # -- the override point --------------------------------------------------------------------------
 
     def compute_competence(self, state: CompetenceState) -> Tensor:
-        """Competence per aspect in [0, 1], shape ``(K,)``, from the statistics. Override to change it."""
+        """Competence per aspect in [0, 1], shape ``(K,)``, from the statistics; override to change it.
+
+        Args:
+            state: The competence statistics after the latest batch, one entry per aspect of :attr:`aspects`.
+
+        Returns:
+            ``(K,)`` competence, fp32, in curriculum order; the next aspect unlocks as the previous one's grows.
+        """
         targets = None
         if self.targets is not None:
             targets = torch.tensor([self.targets.get(a, float("nan")) for a in self.aspects], dtype=torch.float32)
@@ -364,8 +215,8 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
             decay=self.decay,
         )
 
-    def compute_progress(self, competence: Tensor) -> Tensor:
-        """Unlock progress per aspect in [0, 1], non-increasing, shape ``(K,)``. Override to change it."""
+    def _unlock(self, competence: Tensor) -> Tensor:
+        """Unlock progress per aspect in [0, 1], non-increasing, shape ``(K,)``."""
         return unlock_progress(competence, self.gate, self.threshold, self.width)
 
     # -- reading the state -------------------------------------------------------------------------
@@ -394,7 +245,7 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One record per update: ``step``, ``weights``, ``competence``, ``stage`` (and ``strictness``)."""
+        """The latest ``history_size`` updates: ``step``, ``weights``, ``competence``, ``stage`` (and ``strictness``)."""
         return list(self._history)
 
     def _ensure_state(self) -> None:
@@ -405,7 +256,7 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
             )
         if self._state is None:
             self._state = CompetenceState.initial(len(self.aspects))
-            self._progress = self.compute_progress(torch.zeros(len(self.aspects)))
+            self._progress = self._unlock(torch.zeros(len(self.aspects)))
             self._passed = torch.zeros(len(self.aspects), dtype=torch.bool)
 
     # -- strictness ----------------------------------------------------------------------------------
@@ -413,20 +264,7 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
     def _setup_strictness(self, pl_module: pl.LightningModule) -> None:
         if self.strictness_step is None:
             return
-        rewards = getattr(pl_module, "rewards", None)
-        if not callable(getattr(rewards, "set_strictness", None)) or not hasattr(rewards, "graded_aspects"):
-            raise AttributeError(
-                f"SelfPacedCurriculum(strictness_step={self.strictness_step}) tightens rewards through "
-                f"`pl_module.rewards.set_strictness(dict)`, which {type(pl_module).__name__} lacks: give the module a "
-                "`rewards` RewardSet, or set `strictness_step: null`."
-            )
-        graded = set(rewards.graded_aspects)
-        if not graded & set(self.aspects):
-            raise ValueError(
-                f"SelfPacedCurriculum(strictness_step={self.strictness_step}): none of the aspects {list(self.aspects)} "
-                "has a graded reward (`graded = True`, e.g. ShapesSemantic, ShapesFidelity, TextVideoAlignment with "
-                "`margin`); use graded rewards or set `strictness_step: null`."
-            )
+        graded = graded_aspects(pl_module, self.aspects, f"SelfPacedCurriculum(strictness_step={self.strictness_step})")
         if self._strictness is None:  # a fresh run; a resumed one keeps its saved strictness
             self._strictness = torch.tensor(
                 [self.strictness_start if a in graded else float("nan") for a in self.aspects], dtype=torch.float32
@@ -437,18 +275,14 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         if self._strictness is not None:
             pl_module.rewards.set_strictness(self.current_strictness())
 
-    def _tighten(self, competence_now: Tensor) -> Tensor:
-        """Raise the strictness of unlocked, competent graded aspects; returns which were raised."""
-        graded = ~torch.isnan(self._strictness)
-        raise_now = graded & (self._progress >= 0.5) & (competence_now >= self.threshold) & (self._strictness < 1.0)
-        if raise_now.any():
-            self._strictness = torch.where(
-                raise_now, (self._strictness + self.strictness_step).clamp(max=1.0), self._strictness
-            )
-            self._passed = self._passed | raise_now
+    def _tighten(self, competence_now: Tensor) -> None:
+        self._strictness, raised = tighten_strictness(
+            self._strictness, self._progress, competence_now, self.threshold, self.strictness_step
+        )
+        if raised.any():
+            self._passed = self._passed | raised
             # The stricter reward is a new reward: its gains start from a new reference.
-            self._state = reset_aspects(self._state, raise_now)
-        return raise_now
+            self._state = reset_aspects(self._state, raised)
 
     # -- Lightning hooks -----------------------------------------------------------------------------
 
@@ -460,7 +294,7 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
                     f"{type(pl_module).__name__}.reward_weights is empty, so SelfPacedCurriculum cannot infer the "
                     f"aspects: set `aspects` (from {list(ASPECTS)}) or fill `reward_weights` before fit."
                 )
-            self.aspects = _check_aspects(list(pl_module.reward_weights), "pl_module.reward_weights")
+            self.aspects = check_aspects(list(pl_module.reward_weights), "pl_module.reward_weights")
             if not 0.0 <= self.floor < 1.0 / len(self.aspects):
                 raise ValueError(f"`floor` ({self.floor}) must be below 1/{len(self.aspects)} for aspects {self.aspects}.")
         if self.targets is not None:
@@ -478,14 +312,9 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         if read is None:
             return
         rewards, group_size, prompts = read
-        rewards, prompts = self._gather(trainer, rewards, prompts)
+        rewards, prompts = gather_step(trainer, rewards, prompts)
         rewards = rewards.cpu()
-        used = torch.tensor([self.current_weights()[a] for a in self.aspects])
         zero_std = self._zero_spread_count(rewards, group_size)
-        if self.prompt_difficulty is not None and prompts is not None:
-            # The reward the policy optimised this batch: the weighted sum of aspects.
-            self.prompt_difficulty.update(prompts, used @ rewards, group_size)
-
         self._state = update_competence(
             self._state, rewards, group_size, prompts, self.decay, self.warmup_steps, self.max_prompts
         )
@@ -493,7 +322,7 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         gain_z = gain_zscore(self._state, self.decay)
         level = self._state.ref_mean + self._state.gain
         # An aspect that was competent once (and then tightened) keeps the next one unlocked.
-        progress = self.compute_progress(torch.where(self._passed, torch.ones_like(competence_now), competence_now))
+        progress = self._unlock(torch.where(self._passed, torch.ones_like(competence_now), competence_now))
         self._progress = ratchet(self._progress, progress) if self.monotone else progress
         if self._strictness is not None:
             self._tighten(competence_now)
@@ -514,21 +343,23 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         metrics |= {f"curriculum/level_{a}": float(v) for a, v in zip(self.aspects, level)}
         metrics |= {f"curriculum/gain_z_{a}": float(z.clamp(-1e3, 1e3)) for a, z in zip(self.aspects, gain_z)}
         metrics |= {f"curriculum/strictness_{a}": v for a, v in record.get("strictness", {}).items()}
-        metrics["curriculum/stage"] = float(record["stage"])
+        metrics |= {"curriculum/stage": float(record["stage"]), "curriculum/zero_std_groups": float(zero_std)}
         metrics["curriculum/progress"] = float(self._progress[1:].sum())
-        metrics["curriculum/zero_std_groups"] = float(zero_std)
         # Values are already identical on every rank: no sync needed.
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.plot_filename is not None and self._history:
-            # Every rank reads the folder: `trainer.log_dir` is a broadcast, so it must not run on rank 0 alone.
-            folder = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
-            self._plot(Path(folder))
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+        if self.plot_filename is not None and loggers:
+            self._plot(loggers[0])
 
     @rank_zero_only
-    def _plot(self, folder: Path) -> None:
-        plot_curriculum(self._history, self.aspects, folder / self.plot_filename)
+    def _plot(self, logger: CSVLogger) -> None:
+        # Only the logger's own folder: no Trainer property that broadcasts (rank 0 alone runs this).
+        logger.save()  # flush the rows the logger still buffers into metrics.csv
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        if metrics.is_file():
+            plot_curriculum(metrics, Path(logger.log_dir) / self.plot_filename, self.aspects)
 
     # -- checkpointing -------------------------------------------------------------------------------
 
@@ -542,7 +373,6 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
             "passed": self._passed.tolist(),
             "strictness": self._strictness.tolist() if self._strictness is not None else None,
             "history": [dict(record) for record in self._history],
-            "prompt_difficulty": self.prompt_difficulty.state_dict() if self.prompt_difficulty is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -565,6 +395,4 @@ class SelfPacedCurriculum(_RewardWeightsCallback):
         self._passed = torch.tensor(state_dict["passed"], dtype=torch.bool)
         strictness = state_dict.get("strictness")
         self._strictness = torch.tensor(strictness, dtype=torch.float32) if strictness is not None else None
-        self._history = [dict(record) for record in state_dict["history"]]
-        if self.prompt_difficulty is not None and state_dict.get("prompt_difficulty") is not None:
-            self.prompt_difficulty.load_state_dict(state_dict["prompt_difficulty"])
+        self._history = deque((dict(record) for record in state_dict["history"]), maxlen=self.history_size)

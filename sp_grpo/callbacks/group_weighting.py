@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from sp_grpo.callbacks.curriculum import _check_aspects, _RewardWeightsCallback
+from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, gather_step
 from sp_grpo.functional.reward_weighting import group_reward_weights, hoyer_sparsity
 
 __all__ = ["GroupRewardWeighting", "GroupWeighting"]
@@ -76,7 +76,7 @@ class GroupWeighting:
         return {a: out.get(a, zeros) for a in aspect_rewards}
 
 
-class GroupRewardWeighting(_RewardWeightsCallback):
+class GroupRewardWeighting(RewardWeightsCallback):
     """The paper's v4 weighting (TaRoS): each prompt group weighs its reward components by level and separation.
 
     For each group and component :math:`j` (fidelity, temporal, semantic), with group mean
@@ -134,9 +134,9 @@ class GroupRewardWeighting(_RewardWeightsCallback):
         zero_spread_eps: float = 1e-6,
     ) -> None:
         super().__init__(zero_spread_eps)
-        self._configured_aspects = _check_aspects(aspects, "aspects") if aspects is not None else None
+        self._configured_aspects = check_aspects(aspects, "aspects") if aspects is not None else None
         if isinstance(thresholds, Mapping):
-            _check_aspects(list(thresholds), "thresholds")
+            check_aspects(list(thresholds), "thresholds")
             if self._configured_aspects is not None and set(thresholds) != set(self._configured_aspects):
                 raise ValueError(
                     f"`thresholds` names {sorted(thresholds)} but `aspects` is {list(self._configured_aspects)}; give "
@@ -223,7 +223,7 @@ class GroupRewardWeighting(_RewardWeightsCallback):
     def _ensure_state(self) -> None:
         if self.aspects is None:
             if isinstance(self.thresholds, Mapping):
-                self.aspects = _check_aspects(list(self.thresholds), "thresholds")
+                self.aspects = check_aspects(list(self.thresholds), "thresholds")
             else:
                 raise RuntimeError(
                     "GroupRewardWeighting does not know its aspects yet: pass `aspects`, or let fit start so it reads "
@@ -248,7 +248,7 @@ class GroupRewardWeighting(_RewardWeightsCallback):
                     f"{type(pl_module).__name__}.reward_weights is empty, so GroupRewardWeighting cannot infer the "
                     "aspects: set `aspects` or fill `reward_weights` before fit."
                 )
-            self.aspects = _check_aspects(list(pl_module.reward_weights), "pl_module.reward_weights")
+            self.aspects = check_aspects(list(pl_module.reward_weights), "pl_module.reward_weights")
         self._ensure_state()
         if getattr(pl_module, "aggregation", "sum_then_normalize") != "sum_then_normalize":
             rank_zero_warn(
@@ -266,7 +266,7 @@ class GroupRewardWeighting(_RewardWeightsCallback):
         if read is None:
             return
         rewards, group_size, _ = read
-        rewards, _ = self._gather(trainer, rewards, None)
+        rewards, _ = gather_step(trainer, rewards, None)
         rewards = rewards.cpu()
         self._warn_negative(rewards)
         # The weights this batch was trained with: same rewards, same target levels as the module used.

@@ -32,6 +32,13 @@ class OverOptimizationGuard(L.Callback):
     ``guard/tripped`` = 1, warns, and with ``action="stop"`` stops training, with
     ``action="restore_best"`` loads the trainable weights of the best held-out validation and stops.
 
+    Under several processes every rank reaches the same state and decision: the two metrics are
+    averaged over ranks before use, and both decisions, a new best and tripping, go through
+    ``trainer.strategy.reduce_boolean_decision`` (a new best only when every rank sees one, a trip as
+    soon as one rank does, as Lightning's ``EarlyStopping`` stops). So each rank snapshots its
+    weights at the same validation and, when tripping, restores that snapshot; the restore is strict,
+    so a snapshot that no longer fits the module raises instead of loading part of it.
+
     Args:
         train_metric: Logged training reward to watch (Lightning's ``callback_metrics`` key).
         heldout_metric: Logged held-out signal, e.g. ``"val/reward_weighted"`` or a gold metric.
@@ -81,8 +88,9 @@ class OverOptimizationGuard(L.Callback):
         if trainer.sanity_checking or self.tripped:
             return
         metrics = trainer.callback_metrics
-        if self.heldout_metric not in metrics or self.train_metric not in metrics:
-            missing = [m for m in (self.train_metric, self.heldout_metric) if m not in metrics]
+        missing = [m for m in (self.train_metric, self.heldout_metric) if m not in metrics]
+        # Collective, so that a rank missing a metric does not leave the others waiting in the reductions below.
+        if not trainer.strategy.reduce_boolean_decision(not missing, all=True):
             rank_zero_warn(
                 f"OverOptimizationGuard: {missing} not logged (logged: {sorted(metrics)[:12]}...); set"
                 " `train_metric`/`heldout_metric` to logged keys. The guard is idle until then."
@@ -94,18 +102,20 @@ class OverOptimizationGuard(L.Callback):
         both = torch.stack([torch.as_tensor(metrics[name], dtype=torch.float32) for name in names])
         both = trainer.strategy.reduce(both.to(pl_module.device), reduce_op="mean").cpu()
         heldout, train = self.sign * float(both[0]), float(both[1])
-        if self.best_heldout is None or heldout > self.best_heldout:
+        improved = self.best_heldout is None or heldout > self.best_heldout
+        if trainer.strategy.reduce_boolean_decision(improved, all=True):
             self.best_heldout, self.train_at_best, self.best_step = heldout, train, trainer.global_step
             self.diverging = 0
             if self.action == "restore_best":
                 # Only trainable weights: sp_grpo policies leave frozen ones out of state_dict.
                 self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             return
-        if heldout < self.best_heldout - self.min_delta and train > self.train_at_best + self.min_delta:
+        worse = self.best_heldout is not None and heldout < self.best_heldout - self.min_delta
+        if worse and train > self.train_at_best + self.min_delta:
             self.diverging += 1
         else:
             self.diverging = 0
-        if self.diverging >= self.patience:
+        if trainer.strategy.reduce_boolean_decision(self.diverging >= self.patience, all=False):
             self._trip(trainer, pl_module, heldout, train)
 
     def _trip(self, trainer: L.Trainer, pl_module: L.LightningModule, heldout: float, train: float) -> None:
@@ -122,7 +132,7 @@ class OverOptimizationGuard(L.Callback):
             trainer.should_stop = True
         if self.action == "restore_best" and self.best_state is not None:
             device_state = {k: v.to(pl_module.device) for k, v in self.best_state.items()}
-            pl_module.load_state_dict(device_state, strict=False)
+            pl_module.load_state_dict(device_state, strict=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {

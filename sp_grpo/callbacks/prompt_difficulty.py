@@ -1,25 +1,32 @@
-"""Difficulty-aware prompts: spend rollouts where groups still have reward spread.
+"""``PromptDifficulty``: spend rollouts where groups still have reward spread.
 
 A group whose rewards are all equal has zero group-relative advantage and teaches nothing. That
 happens for prompts the generator has mastered (all samples good) and for prompts it cannot yet do
 (all samples bad). :class:`PromptDifficulty` keeps, per prompt, an EMA of how informative its groups
-were; :class:`DifficultyAwareSampler` draws prompts in proportion to it, with a floor so that no
-prompt is dropped for good (a hopeless prompt may become learnable later).
+were, and gives :class:`~sp_grpo.data.PromptDataModule` (with ``difficulty_sampling``) weights to
+draw prompts by, with a floor so that no prompt is dropped for good (a hopeless prompt may become
+learnable later).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.utils.data import Sampler
 
+from sp_grpo.callbacks.base import check_aspects, gather_step, read_step_outputs
+from sp_grpo.data.prompts import PromptDataModule
 from sp_grpo.functional.curriculum import group_informativeness, group_means
 
+__all__ = ["PromptDifficulty"]
 
-class PromptDifficulty:
-    """Per-prompt record of how much each prompt's groups teach.
+
+class PromptDifficulty(Callback):
+    """Per-prompt record of how much each prompt's groups teach; the weights of difficulty-aware sampling.
 
     For each prompt ``p`` the tracker keeps an EMA of its group informativeness
     (:func:`~sp_grpo.functional.curriculum.group_informativeness`) and of its group mean, and turns
@@ -28,6 +35,15 @@ class PromptDifficulty:
     .. math:: I_p \\leftarrow \\beta I_p + (1 - \\beta) i_p, \\qquad w_p = w_{\\min} + (1 - w_{\\min}) I_p
 
     Prompts never seen have weight 1, so new prompts are tried first.
+
+    As a callback it reads what the module's ``training_step`` returns (``aspect_rewards``,
+    ``group_size`` and ``prompts``; see :mod:`sp_grpo.callbacks.base`), gathers all ranks' groups so
+    the statistics are identical on every rank, and scores each group by the reward the policy
+    optimised for that batch: the aspects weighed with the ``pl_module.reward_weights`` read when the
+    batch started. In ``setup`` it links itself to the trainer's
+    :class:`~sp_grpo.data.PromptDataModule` (:meth:`~sp_grpo.data.PromptDataModule.set_prompt_weights`),
+    which draws by :meth:`weights_for` when ``difficulty_sampling`` is on, and unlinks in ``teardown``.
+    The statistics are the callback's ``state_dict``, so a resumed run continues them.
 
     Args:
         decay: EMA factor :math:`\\beta` in ``[0, 1)`` for each prompt's statistics.
@@ -45,6 +61,7 @@ class PromptDifficulty:
     """
 
     def __init__(self, decay: float = 0.5, min_weight: float = 0.1) -> None:
+        super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"`decay` ({decay}) must be in [0, 1): it is the per-prompt EMA factor.")
         if not 0.0 < min_weight <= 1.0:
@@ -57,6 +74,7 @@ class PromptDifficulty:
         self.informativeness: dict[str, float] = {}
         self.mean_reward: dict[str, float] = {}
         self.groups_seen: dict[str, int] = {}
+        self._batch_weights: dict[str, float] | None = None
 
     def update(self, prompts: Sequence[str], rewards: Tensor, group_size: int) -> None:
         """Fold one batch of groups into the per-prompt statistics.
@@ -117,6 +135,45 @@ class PromptDifficulty:
         overall = sum(self.mean_reward.values()) / len(self.mean_reward)
         return "mastered" if self.mean_reward[prompt] >= overall else "hopeless"
 
+    # -- Lightning hooks -----------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.datamodule, PromptDataModule):
+            trainer.datamodule.set_prompt_weights(self.weights_for)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.datamodule, PromptDataModule) and trainer.datamodule.prompt_weights == self.weights_for:
+            trainer.datamodule.set_prompt_weights(None)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # The weights this batch is trained with; a weight callback may rewrite them at batch end.
+        weights = getattr(pl_module, "reward_weights", None)
+        if not isinstance(weights, dict) or not weights:
+            raise AttributeError(
+                f"PromptDifficulty scores groups by the reward the module optimises, `pl_module.reward_weights`, which "
+                f"{type(pl_module).__name__} lacks or leaves empty: give the module a `reward_weights: dict[str, float]`."
+            )
+        self._batch_weights = dict(weights)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        aspects = check_aspects(list(self._batch_weights), "pl_module.reward_weights")
+        read = read_step_outputs(outputs, aspects, type(self).__name__)
+        if read is None:
+            return
+        rewards, group_size, prompts = read
+        if prompts is None:
+            raise KeyError(
+                "PromptDifficulty needs `training_step` to return 'prompts' (one per sample, prompt-major) beside "
+                "'aspect_rewards'; add them, or remove PromptDifficulty from `trainer.callbacks`."
+            )
+        rewards, prompts = gather_step(trainer, rewards, prompts)
+        weights = torch.tensor([self._batch_weights[a] for a in aspects])
+        self.update(prompts, weights @ rewards.cpu(), group_size)
+
+    # -- checkpointing -------------------------------------------------------------------------------
+
     def state_dict(self) -> dict:
         """The per-prompt statistics, for checkpoints."""
         return {
@@ -134,62 +191,3 @@ class PromptDifficulty:
         self.informativeness = dict(state["informativeness"])
         self.mean_reward = dict(state["mean_reward"])
         self.groups_seen = dict(state["groups_seen"])
-
-
-class DifficultyAwareSampler(Sampler[int]):
-    """Draw prompt indices with probability proportional to :meth:`PromptDifficulty.weights_for`.
-
-    Weights are re-read at every ``__iter__`` (every epoch), so the draw follows training. Every
-    rank draws the same sequence from ``seed + epoch`` and keeps its own slice, so the tracker must be
-    identical on all ranks (:class:`~sp_grpo.callbacks.SelfPacedCurriculum` gathers prompts across
-    ranks for this).
-
-    Args:
-        prompts: The prompt pool; index ``i`` is ``prompts[i]``.
-        tracker: Statistics that set the weights.
-        num_samples: Indices drawn per epoch across all ranks (with replacement).
-        seed: Base seed of the draw.
-        rank: This process's rank.
-        world_size: Number of processes; each rank yields ``num_samples // world_size`` indices.
-
-    Raises:
-        ValueError: If the pool is empty or ranks/sizes are inconsistent.
-    """
-
-    def __init__(
-        self,
-        prompts: Sequence[str],
-        tracker: PromptDifficulty,
-        num_samples: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if len(prompts) == 0:
-            raise ValueError("`prompts` is empty: the sampler needs at least one prompt to draw.")
-        if num_samples < world_size:
-            raise ValueError(
-                f"`num_samples` ({num_samples}) must be at least `world_size` ({world_size}): every rank draws one or more."
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"`rank` ({rank}) must be in [0, {world_size}) for `world_size` {world_size}.")
-        self.prompts = list(prompts)
-        self.tracker = tracker
-        self.num_samples = num_samples
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds the next draw (Lightning calls this on samplers that have it)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples // self.world_size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        weights = self.tracker.weights_for(self.prompts).double()
-        drawn = torch.multinomial(weights, len(self) * self.world_size, replacement=True, generator=generator)
-        return iter(drawn[self.rank :: self.world_size].tolist())

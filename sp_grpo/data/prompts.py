@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-# PromptDataModule resumes mid-epoch exactly (see ResumablePromptSampler) through Lightning's restored
-# loop counters rather than a dataloader state_dict, which Lightning's check does not know about.
-warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+#: A source of sampling weights: prompts -> one non-negative weight each, shape ``(len(prompts),)``.
+PromptWeights = Callable[[Sequence[str]], Tensor]
 
 
 def read_prompt_file(path: str | Path, setting: str = "data.prompt_file") -> list[str]:
@@ -63,7 +61,9 @@ class ResumablePromptSampler(DistributedSampler):
 
     With ``weights`` (a function returning one non-negative weight per prompt, read once per epoch)
     an epoch is ``num_prompts`` draws with replacement in proportion to the weights, which is how
-    difficulty-aware sampling spends more rollouts on prompts that still teach.
+    difficulty-aware sampling spends more rollouts on prompts that still teach. Every rank draws the
+    same sequence and keeps its own slice, so the weights must be identical on every rank (those of
+    :class:`~sp_grpo.callbacks.PromptDifficulty` are: it gathers all ranks' groups).
 
     Args:
         num_prompts: Size of the prompt list.
@@ -118,6 +118,36 @@ class ResumablePromptSampler(DistributedSampler):
         return self.num_prompts // self.num_replicas
 
 
+class _ResumableLoader(DataLoader):
+    """The training loader of :class:`PromptDataModule`: it tells Lightning that it resumes mid-epoch.
+
+    Lightning warns on a mid-epoch resume unless the loader has ``state_dict`` / ``load_state_dict``.
+    The position itself comes from Lightning's restored loop counters
+    (:meth:`PromptDataModule.train_dataloader` skips what was trained on), which stay exact however
+    far a loader prefetched; the loader's state records what the order depends on, so a resumed run
+    with other prompts or settings is told that it does not continue the same order.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        return {
+            "num_prompts": sampler.num_prompts,
+            "shuffle": sampler.shuffle,
+            "seed": sampler.seed,
+            "world_size": sampler.num_replicas,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        now = self.state_dict()
+        changed = {key: (saved, now.get(key)) for key, saved in state_dict.items() if now.get(key) != saved}
+        if changed:
+            rank_zero_warn(
+                f"PromptDataModule: resuming with other data settings than the checkpoint's ({{setting: (saved, now)}}"
+                f" = {changed}); the rest of the epoch does not continue the interrupted order."
+            )
+
+
 def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
     """Batch of prompts as ``{"prompts": [...]}``, what :class:`~sp_grpo.SelfPacedGRPO` expects.
 
@@ -143,10 +173,12 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: Unique prompts per training step (``P``).
         shuffle: Shuffle the training prompts every epoch.
         seed: Seed of the shuffling.
-        difficulty_sampling: Draw training prompts in proportion to the curriculum's prompt weights
-            (``SelfPacedCurriculum.prompt_difficulty``): prompts whose groups all score the same,
-            mastered or hopeless, are drawn less. A run resumed mid-epoch then redraws the rest of
-            that epoch from the weights at resume time.
+        difficulty_sampling: Draw training prompts in proportion to per-prompt weights, read once
+            per epoch: those of the :class:`~sp_grpo.callbacks.PromptDifficulty` callback, which links
+            itself to this data module in its ``setup`` (or any source given to
+            :meth:`set_prompt_weights`). Prompts whose groups all score the same, mastered or hopeless,
+            are drawn less. A run resumed mid-epoch then redraws the rest of that epoch from the
+            weights at resume time.
     """
 
     def __init__(
@@ -182,6 +214,27 @@ class PromptDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
         self.difficulty_sampling = difficulty_sampling
+        self.prompt_weights: PromptWeights | None = None
+
+    def set_prompt_weights(self, weights: PromptWeights | None) -> None:
+        """Link the source of the sampling weights that ``difficulty_sampling`` draws with.
+
+        :class:`~sp_grpo.callbacks.PromptDifficulty` calls this in its ``setup`` with its
+        :meth:`~sp_grpo.callbacks.PromptDifficulty.weights_for`, and with ``None`` in its ``teardown``.
+
+        Args:
+            weights: Prompts -> ``(len(prompts),)`` non-negative weights, called once per epoch with
+                the training prompts; ``None`` unlinks.
+
+        Raises:
+            ValueError: If another source is linked already (two trackers would fight over the draw).
+        """
+        if weights is not None and self.prompt_weights is not None and weights != self.prompt_weights:
+            raise ValueError(
+                "PromptDataModule already draws with the prompt weights of another source: keep one "
+                "sp_grpo.callbacks.PromptDifficulty in `trainer.callbacks`."
+            )
+        self.prompt_weights = weights
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
@@ -204,7 +257,7 @@ class PromptDataModule(L.LightningDataModule):
             if done and done < len(sampler) // self.batch_size:
                 sampler.set_epoch(loop.epoch_progress.current.processed)
                 sampler.skip(done * self.batch_size)
-        return DataLoader(
+        return _ResumableLoader(
             PromptDataset(self.train_prompts),
             batch_size=self.batch_size,
             sampler=sampler,
@@ -215,14 +268,14 @@ class PromptDataModule(L.LightningDataModule):
     def _difficulty_weights(self, trainer) -> Callable[[], Tensor] | None:
         if not self.difficulty_sampling:
             return None
-        callbacks = trainer.callbacks if trainer is not None else []
-        trackers = [cb.prompt_difficulty for cb in callbacks if getattr(cb, "prompt_difficulty", None) is not None]
-        if not trackers:
+        source = self.prompt_weights
+        if source is None:
             raise ValueError(
-                "`data.difficulty_sampling` needs the prompt statistics of a curriculum callback: add"
-                " sp_grpo.callbacks.SelfPacedCurriculum (with `track_prompts: true`) to `trainer.callbacks`."
+                "`data.difficulty_sampling` needs per-prompt weights, and none are linked: add"
+                " sp_grpo.callbacks.PromptDifficulty to `trainer.callbacks` (it links itself to the data module"
+                " in `setup`), or call `datamodule.set_prompt_weights(...)`; or set `data.difficulty_sampling: false`."
             )
-        return lambda: trackers[0].weights_for(self.train_prompts)
+        return lambda: source(self.train_prompts)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_prompts:

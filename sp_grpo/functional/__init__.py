@@ -8,6 +8,7 @@ from sp_grpo.functional.advantages import (
     clip_advantages,
     group_advantages,
 )
+from sp_grpo.functional.aspects import aspect_means, standardize
 from sp_grpo.functional.losses import SurrogateOutput, clipped_surrogate, gaussian_kl
 from sp_grpo.functional.reward_weighting import group_reward_weights, hoyer_sparsity
 from sp_grpo.functional.sde import SDEKind, SDEStepOutput, sde_step
@@ -31,6 +32,7 @@ __all__ = [
     "SDEStepOutput",
     "SurrogateOutput",
     "aggregate_advantages",
+    "aspect_means",
     "clip_advantages",
     "clipped_fraction",
     "clipped_surrogate",
@@ -50,6 +52,7 @@ __all__ = [
     "noise_sigma",
     "rms_contrast",
     "sde_step",
+    "standardize",
     "temporal_flickering",
     "text_video_similarity",
 ]

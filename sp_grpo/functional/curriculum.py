@@ -25,10 +25,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from sp_grpo.functional.aspects import ASPECTS
 from sp_grpo.functional.competence import CompetenceState, competence, reset_aspects, update_competence
-
-#: The reward aspects in curriculum order.
-ASPECTS: tuple[str, ...] = ("fidelity", "temporal", "semantic")
 
 GateName = Literal["sigmoid", "smoothstep"]
 
@@ -287,3 +285,31 @@ def ratchet(previous: Tensor, current: Tensor) -> Tensor:
     """
     return torch.maximum(previous.float(), current.float())
 
+
+
+def tighten_strictness(
+    strictness: Tensor, progress: Tensor, competence: Tensor, threshold: float, step: float
+) -> tuple[Tensor, Tensor]:
+    """Raise the strictness of graded aspects that are unlocked and competent.
+
+    .. math:: s_k \\leftarrow \\min(1, s_k + \\Delta) \\quad\\text{if}\\quad U_k \\ge \\tfrac12,\\ c_k \\ge \\theta,\\ s_k < 1
+
+    Args:
+        strictness: ``(K,)`` strictness in ``[0, 1]``, NaN for aspects without a graded reward.
+        progress: ``(K,)`` unlock progress :math:`U_k`.
+        competence: ``(K,)`` competence :math:`c_k`.
+        threshold: Competence :math:`\\theta` that counts as competent.
+        step: Rise :math:`\\Delta` in ``(0, 1]``.
+
+    Returns:
+        The new ``(K,)`` strictness, and the ``(K,)`` bool mask of the aspects raised.
+
+    Example:
+        >>> tighten_strictness(torch.tensor([0.0, 0.5, float("nan")]), torch.ones(3), torch.tensor([0.9, 0.1, 0.9]), 0.7, 0.5)
+        (tensor([0.5000, 0.5000,    nan]), tensor([ True, False, False]))
+    """
+    graded = ~torch.isnan(strictness)
+    raised = graded & (progress >= 0.5) & (competence >= threshold) & (strictness < 1.0)
+    if raised.any():
+        strictness = torch.where(raised, (strictness + step).clamp(max=1.0), strictness)
+    return strictness, raised

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ASPECTS", "Aspect", "VideoReward", "check_videos", "evenly_spaced_frames"]
+from sp_grpo.functional.aspects import ASPECTS, Aspect
 
-Aspect = Literal["fidelity", "temporal", "semantic"]
-#: The aspects in curriculum order.
-ASPECTS: tuple[str, ...] = ("fidelity", "temporal", "semantic")
+__all__ = ["ASPECTS", "Aspect", "VideoReward", "check_videos", "evenly_spaced_frames"]
 
 
 def check_videos(videos: Tensor, prompts: Sequence[str], name: str = "reward") -> None:

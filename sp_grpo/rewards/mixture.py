@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from sp_grpo.functional.aspects import ASPECTS, aspect_means, standardize
 from sp_grpo.rewards.backbones import SharedModel
-from sp_grpo.rewards.base import ASPECTS, VideoReward, check_videos
+from sp_grpo.rewards.base import VideoReward, check_videos
 
 __all__ = ["RewardOutput", "RewardSet"]
 
@@ -46,15 +48,19 @@ class RewardSet(nn.Module):
     of one call, so a backbone that several rewards use runs once per batch (give those rewards the
     same frame subsampling).
 
-    Aggregation per aspect:
+    Aggregation per aspect (:func:`~sp_grpo.functional.aspects.aspect_means`):
 
     .. math:: a_k = \\frac{\\sum_{i \\in k} w_i\\, \\sigma_i\\, \\tilde r_i}{\\sum_{i \\in k} w_i},\\qquad
         \\sigma_i = \\begin{cases}+1 & \\text{higher is better}\\\\ -1 & \\text{otherwise}\\end{cases}
 
     where :math:`\\tilde r_i = (r_i - \\mu_i) / \\sqrt{v_i + \\epsilon}` with running statistics when
-    ``normalize`` is set (updated in training mode only, with the current batch included) and
-    :math:`\\tilde r_i = r_i` otherwise. ``per_reward`` always holds the raw scores, so a curriculum that
-    reads absolute levels should not depend on normalized aggregates.
+    ``normalize`` is set (:func:`~sp_grpo.functional.aspects.standardize`; updated in training mode
+    only, with the current batch included) and :math:`\\tilde r_i = r_i` otherwise. ``per_reward``
+    always holds the raw scores, so a curriculum that reads absolute levels should not depend on
+    normalized aggregates. Under several processes (``torch.distributed`` initialized) each batch's
+    mean and variance are pooled over the kept samples of every rank before they enter the running
+    statistics, so every rank standardizes identically; every rank must then call the set in
+    training mode on each step, as a training step does.
 
     Args:
         rewards: name -> reward. Names become keys of the outputs and CSV columns.
@@ -221,24 +227,33 @@ class RewardSet(nn.Module):
     def _aggregate(self, per_reward: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
         scores = torch.stack([per_reward[name].float() for name in self.rewards])  # (R, B), fp32
         if self.normalize:
-            if self.training and keep.any():
-                self._update_statistics(scores[:, keep])
-            scores = (scores - self.running_mean[:, None]) / torch.sqrt(self.running_var[:, None] + self.eps)
-        signs = scores.new_tensor([1.0 if r.higher_is_better else -1.0 for r in self.rewards.values()])
-        weights = scores.new_tensor([self.weights[name] for name in self.rewards])
-        aspects = [r.aspect for r in self.rewards.values()]
-        per_aspect = {}
-        for aspect in self.aspects:
-            mask = scores.new_tensor([1.0 if a == aspect else 0.0 for a in aspects])
-            w = weights * mask
-            aggregate = (w[:, None] * signs[:, None] * scores).sum(0) / w.sum()
-            per_aspect[aspect] = torch.where(keep, aggregate, torch.zeros_like(aggregate))
-        return per_aspect
+            if self.training:
+                self._update_statistics(scores, keep)
+            scores = standardize(scores, self.running_mean, self.running_var, self.eps)
+        rewards = list(self.rewards.values())
+        per_aspect = aspect_means(
+            scores,
+            [self.weights[name] for name in self.rewards],
+            [r.higher_is_better for r in rewards],
+            [r.aspect for r in rewards],
+            self.aspects,
+        )
+        return {aspect: torch.where(keep, row, torch.zeros_like(row)) for aspect, row in zip(self.aspects, per_aspect)}
 
     @torch.no_grad()
-    def _update_statistics(self, scores: Tensor) -> None:
+    def _update_statistics(self, scores: Tensor, keep: Tensor) -> None:
+        """Fold the kept samples of this batch, over every rank, into the running mean and variance."""
+        if _world_size() > 1:
+            batch = _global_moments(scores[:, keep])
+        elif keep.any():
+            kept = scores[:, keep]
+            batch = kept.mean(dim=1), kept.var(dim=1, unbiased=False)
+        else:
+            batch = None
+        if batch is None:
+            return  # no sample kept on any rank
+        mean, var = batch
         # Exponential moving average; the first batch initializes, so early scores are not shrunk to 0.
-        mean, var = scores.mean(dim=1), scores.var(dim=1, unbiased=False)
         if self.num_updates == 0:
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
@@ -246,3 +261,29 @@ class RewardSet(nn.Module):
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var, self.momentum)
         self.num_updates += 1
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_moments(kept: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Mean and population variance per reward of ``kept`` ``(R, N_rank)`` pooled over every rank.
+
+    Every rank must call it (it runs two all-reduces), also one that kept no sample. Like a
+    torchmetrics state reduced with ``sum``: counts and sums are summed over ranks, then the squared
+    deviations from the global mean (two passes: a sum of squares minus the squared mean loses the
+    small spread of rewards that sit far from 0 in fp32).
+
+    Returns:
+        ``(mean, var)``, each ``(R,)``, identical on every rank; ``None`` when no rank kept a sample.
+    """
+    totals = torch.cat([kept.new_tensor([kept.shape[1]]), kept.sum(dim=1)])
+    dist.all_reduce(totals)
+    count = totals[0]
+    if count == 0:
+        return None
+    mean = totals[1:] / count
+    squares = ((kept - mean[:, None]) ** 2).sum(dim=1)
+    dist.all_reduce(squares)
+    return mean, squares / count

@@ -80,14 +80,14 @@ class ToyRewardModule(pl.LightningModule):
 class DumpWeights(pl.Callback):
     """Writes what each rank ended with, for the multi-process test."""
 
-    def __init__(self, folder: str, curriculum) -> None:
-        self.folder, self.curriculum = folder, curriculum
+    def __init__(self, folder: str, curriculum, difficulty) -> None:
+        self.folder, self.curriculum, self.difficulty = folder, curriculum, difficulty
 
     def on_fit_end(self, trainer, pl_module) -> None:
         record = {
             "reward_weights": pl_module.reward_weights,
             "history": self.curriculum.history,
             "competence": self.curriculum.current_competence(),
-            "prompt_weights": self.curriculum.prompt_difficulty.weights_for([f"prompt {i}" for i in range(7)]).tolist(),
+            "prompt_weights": self.difficulty.weights_for([f"prompt {i}" for i in range(7)]).tolist(),
         }
         Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -9,7 +9,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from sp_grpo.callbacks.base import gather_step
 from sp_grpo.callbacks.curriculum import SelfPacedCurriculum, StaticWeights
+from sp_grpo.callbacks.prompt_difficulty import PromptDifficulty
 from sp_grpo.functional.curriculum import (
     CompetenceState,
     competence,
@@ -61,7 +63,7 @@ def test_lightning_passes_the_step_dict_to_on_train_batch_end(tmp_path, automati
 def test_rising_rewards_advance_through_all_stages_with_default_settings(tmp_path):
     curriculum = SelfPacedCurriculum()
     module = ToyRewardModule(rate=0.002)  # the weighted aspect rises by 0.02 starting stds per step
-    _trainer(tmp_path, 300, [curriculum]).fit(module)
+    _trainer(tmp_path, 300, [curriculum], logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1).fit(module)
     stages = [record["stage"] for record in curriculum.history]
     assert stages == sorted(stages)
     first = [stages.index(stage) for stage in range(3)]
@@ -72,7 +74,7 @@ def test_rising_rewards_advance_through_all_stages_with_default_settings(tmp_pat
     for weights in module.seen_weights:
         assert min(weights.values()) >= 0.0
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-6)
-    assert (tmp_path / "curriculum.png").stat().st_size > 0
+    assert (tmp_path / "curriculum.png").stat().st_size > 0  # drawn from the CSV logger's metrics.csv in its folder
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.1])
@@ -126,29 +128,31 @@ def test_callback_matches_the_functional_maths(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*(pre-optimization state|dataloader is not resumable|callbacks used to create).*")
 def test_crash_and_resume_matches_uninterrupted_run(tmp_path):
     steps, save_at = 60, 30
-    full = SelfPacedCurriculum(**FAST)
+    full, full_difficulty = SelfPacedCurriculum(**FAST), PromptDifficulty()
     full_module = ToyRewardModule(rate=0.004)
-    _trainer(tmp_path / "full", steps, [full]).fit(full_module)
+    _trainer(tmp_path / "full", steps, [full, full_difficulty]).fit(full_module)
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_at, save_top_k=-1)
     crashed = ToyRewardModule(rate=0.004, crash_at_step=save_at + 7)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(tmp_path / "a", steps, [SelfPacedCurriculum(**FAST), checkpoint], enable_checkpointing=True).fit(
-            crashed
-        )
-    resumed = SelfPacedCurriculum(**FAST)
+        _trainer(
+            tmp_path / "a", steps, [SelfPacedCurriculum(**FAST), PromptDifficulty(), checkpoint], enable_checkpointing=True
+        ).fit(crashed)
+    resumed, resumed_difficulty = SelfPacedCurriculum(**FAST), PromptDifficulty()
     resumed_module = ToyRewardModule(rate=0.004)
-    _trainer(tmp_path / "b", steps, [resumed]).fit(resumed_module, ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={save_at}.ckpt")
+    _trainer(tmp_path / "b", steps, [resumed, resumed_difficulty]).fit(
+        resumed_module, ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={save_at}.ckpt"
+    )
 
     assert max(record["stage"] for record in full.history) >= 1  # the stretch compared is not trivial
-    assert len(resumed.history) == steps  # the history, hence the plot, covers the whole run
+    assert len(resumed.history) == steps  # the (bounded) history covers the whole run
     for a, b in zip(full.history, resumed.history):
         assert a["step"] == b["step"] and a["stage"] == b["stage"]
         assert a["weights"] == pytest.approx(b["weights"], abs=1e-6)
         assert a["competence"] == pytest.approx(b["competence"], abs=1e-6)
     for a, b in zip(full_module.seen_weights[save_at:], resumed_module.seen_weights, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
-    full_prompts, resumed_prompts = full.prompt_difficulty.state_dict(), resumed.prompt_difficulty.state_dict()
+    full_prompts, resumed_prompts = full_difficulty.state_dict(), resumed_difficulty.state_dict()
     for name in ("informativeness", "mean_reward", "groups_seen"):
         assert full_prompts[name] == pytest.approx(resumed_prompts[name], abs=1e-6)
 
@@ -216,8 +220,7 @@ def test_static_weights_errors(weights, match):
         ({"width": -0.1}, r"`width` \(-0.1\) must be positive"),
         ({"floor": 0.34}, r"`floor` \(0.34\) must be in \[0, 1/3\) for 3 aspects"),
         ({"zero_spread_eps": -1.0}, r"`zero_spread_eps` \(-1.0\) must be non-negative"),
-        ({"prompt_decay": 1.0}, r"`decay` \(1.0\) must be in \[0, 1\)"),
-        ({"prompt_min_weight": 0.0}, r"`min_weight` \(0.0\) must be in \(0, 1\]"),
+        ({"history_size": 0}, r"`history_size` \(0\) must be at least 1"),
     ],
 )
 def test_curriculum_setting_errors(kwargs, match):
@@ -279,12 +282,12 @@ def test_two_processes_use_identical_weights(tmp_path, monkeypatch):
     # whatever import mode pytest uses.
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     toy = importlib.import_module("curriculum_toy")
-    curriculum = SelfPacedCurriculum(**FAST)
+    curriculum, difficulty = SelfPacedCurriculum(**FAST), PromptDifficulty()
     module = toy.ToyRewardModule(rate=0.01)  # each rank draws different rewards (seeded by rank)
     trainer = _trainer(
         tmp_path,
         25,
-        [curriculum, toy.DumpWeights(str(tmp_path), curriculum)],
+        [curriculum, difficulty, toy.DumpWeights(str(tmp_path), curriculum, difficulty)],
         strategy="ddp_spawn",
         devices=2,
         use_distributed_sampler=False,
@@ -325,6 +328,34 @@ def test_gather_handles_ranks_with_different_batch_sizes():
         world_size = 2
         strategy = TwoRankStrategy()
 
-    rewards, prompts = SelfPacedCurriculum._gather(TwoRankTrainer(), local, None)
+    rewards, prompts = gather_step(TwoRankTrainer(), local, None)
     assert prompts is None
     assert torch.equal(rewards, torch.cat([local, other], dim=1))
+
+
+def test_checkpoint_state_is_bounded(tmp_path):
+    curriculum = SelfPacedCurriculum(history_size=5, max_prompts=3, **FAST)
+    _trainer(tmp_path, 12, [curriculum]).fit(ToyRewardModule())
+    state = curriculum.state_dict()
+    assert [record["step"] for record in state["history"]] == list(range(8, 13))  # the latest five
+    restored = SelfPacedCurriculum(history_size=5, max_prompts=3, **FAST)
+    restored.load_state_dict(state)
+    assert restored.history == curriculum.history
+
+
+def test_no_plot_without_a_csv_logger(tmp_path):
+    _trainer(tmp_path, 3, [SelfPacedCurriculum(**FAST)]).fit(ToyRewardModule())
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_plot_is_drawn_from_the_logged_metrics(tmp_path, monkeypatch):
+    import sp_grpo.callbacks.curriculum as curriculum_module
+
+    drawn = {}
+    monkeypatch.setattr(curriculum_module, "plot_curriculum", lambda csv, png, aspects: drawn.update(csv=csv, png=png))
+    trainer = _trainer(tmp_path, 4, [SelfPacedCurriculum(**FAST)], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    trainer.fit(ToyRewardModule())
+    folder = tmp_path / "lightning_logs" / "version_0"
+    assert drawn == {"csv": folder / "metrics.csv", "png": folder / "curriculum.png"}
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "curriculum/weight_fidelity" in rows[0]  # flushed before plotting

@@ -3,7 +3,10 @@ import statistics
 import pytest
 import torch
 
-from sp_grpo.callbacks.prompt_difficulty import DifficultyAwareSampler, PromptDifficulty
+from sp_grpo.callbacks.prompt_difficulty import PromptDifficulty
+from sp_grpo.data.prompts import PromptDataModule, ResumablePromptSampler
+
+from .curriculum_toy import ToyRewardModule
 
 
 def _informativeness(rewards, group_size):
@@ -59,24 +62,86 @@ def test_sampler_favours_informative_prompts_and_shards_ranks():
     tracker = PromptDifficulty(decay=0.0, min_weight=0.05)
     tracker.update(["flat"] * 2 + ["spread"] * 2, torch.tensor([0.5, 0.5, 0.0, 1.0]), 2)
     prompts = ["flat", "spread"]
-    sampler = DifficultyAwareSampler(prompts, tracker, num_samples=4000, seed=3)
-    drawn = list(sampler)
-    assert len(drawn) == len(sampler) == 4000
+    weights = lambda: tracker.weights_for(prompts)  # noqa: E731 (what PromptDataModule passes)
+    sampler = ResumablePromptSampler(len(prompts), seed=3, weights=weights)
+    drawn = []
+    for epoch in range(2000):
+        sampler.set_epoch(epoch)
+        drawn += list(sampler)
     share_flat = drawn.count(0) / len(drawn)
     assert share_flat == pytest.approx(0.05 / 1.05, abs=0.02)
-    assert list(sampler) == drawn  # same epoch, same draw
-    sampler.set_epoch(1)
-    assert list(sampler) != drawn
-    ranks = [list(DifficultyAwareSampler(prompts, tracker, 10, seed=3, rank=r, world_size=2)) for r in (0, 1)]
-    everything = list(DifficultyAwareSampler(prompts, tracker, 10, seed=3))
+    sampler.set_epoch(0)
+    assert list(sampler) == drawn[:2]  # same epoch, same draw
+    pool = [f"p{i}" for i in range(10)]
+    tracker.update(pool, torch.linspace(0, 1, 10), 2)
+    ranks = [list(ResumablePromptSampler(10, seed=3, rank=r, world_size=2, weights=lambda: tracker.weights_for(pool))) for r in (0, 1)]
+    everything = ResumablePromptSampler(10, seed=3, weights=lambda: tracker.weights_for(pool)).order(0)
     assert ranks[0] == everything[0::2] and ranks[1] == everything[1::2]
 
 
-def test_sampler_errors():
-    tracker = PromptDifficulty()
-    with pytest.raises(ValueError, match="`prompts` is empty"):
-        DifficultyAwareSampler([], tracker, 4)
-    with pytest.raises(ValueError, match=r"`num_samples` \(1\) must be at least `world_size` \(2\)"):
-        DifficultyAwareSampler(["a"], tracker, 1, world_size=2)
-    with pytest.raises(ValueError, match=r"`rank` \(2\) must be in \[0, 2\)"):
-        DifficultyAwareSampler(["a"], tracker, 4, rank=2, world_size=2)
+def _fit(tmp_path, callbacks, datamodule=None, steps=6, module=None):
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
+    module = module or ToyRewardModule()
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, module
+
+
+def test_callback_scores_groups_by_the_weights_the_batch_used(tmp_path):
+    import lightning.pytorch as pl
+
+    class Capture(pl.Callback):
+        def __init__(self):
+            self.outputs, self.weights = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.weights.append(dict(pl_module.reward_weights))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.outputs.append(outputs)
+            pl_module.reward_weights = {"fidelity": 1.0, "temporal": 0.0, "semantic": 0.0}  # a weight callback's write
+
+    tracker, capture = PromptDifficulty(decay=0.5), Capture()
+    _fit(tmp_path, [capture, tracker])
+    reference = PromptDifficulty(decay=0.5)
+    for out, weights in zip(capture.outputs, capture.weights, strict=True):
+        rewards = torch.stack([out["aspect_rewards"][a] for a in ("fidelity", "temporal", "semantic")])
+        reference.update(out["prompts"], torch.tensor(list(weights.values())) @ rewards, out["group_size"])
+    assert capture.weights[0] != capture.weights[1]  # the batches were trained with different weights
+    assert tracker.state_dict() == reference.state_dict()
+
+
+def test_callback_links_itself_to_the_data_module_for_difficulty_sampling(tmp_path):
+    import lightning.pytorch as pl
+
+    class SeeWeights(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.sampler_weights = trainer.train_dataloader.sampler.weights
+
+    prompts = [f"prompt {i}" for i in range(8)]
+    tracker, see = PromptDifficulty(), SeeWeights()
+    tracker.update(prompts[:2] * 2, torch.tensor([0.0, 0.0, 0.5, 0.5]), 2)  # "prompt 0" and "prompt 1": flat
+    data = PromptDataModule(prompts=prompts, batch_size=4, difficulty_sampling=True)
+    _fit(tmp_path, [tracker, see], datamodule=data, steps=2)
+    torch.testing.assert_close(see.sampler_weights(), tracker.weights_for(prompts))
+    assert data.prompt_weights is None  # unlinked in teardown
+    with pytest.raises(ValueError, match="difficulty_sampling` needs per-prompt weights.*add sp_grpo.callbacks.PromptDifficulty"):
+        _fit(tmp_path, [], datamodule=PromptDataModule(prompts=prompts, batch_size=4, difficulty_sampling=True), steps=1)
+
+
+def test_callback_errors(tmp_path):
+    class NoPrompts(ToyRewardModule):
+        def training_step(self, batch, batch_idx):
+            return {k: v for k, v in super().training_step(batch, batch_idx).items() if k != "prompts"}
+
+    class NoWeights(ToyRewardModule):
+        def __init__(self):
+            super().__init__()
+            self.reward_weights = {}
+
+    with pytest.raises(KeyError, match="PromptDifficulty needs `training_step` to return 'prompts'"):
+        _fit(tmp_path, [PromptDifficulty()], module=NoPrompts(), steps=1)
+    with pytest.raises(AttributeError, match="lacks or leaves empty"):
+        _fit(tmp_path, [PromptDifficulty()], module=NoWeights(), steps=1)

@@ -185,3 +185,38 @@ def test_reward_configs_parse_as_reward_set(path, tiny_clip_dir, tmp_path):
     assert isinstance(rewards, RewardSet) and rewards.aspects == ["fidelity", "temporal", "semantic"]
     out = rewards(torch.rand(2, 4, 3, 32, 32), ["a red ball", "a blue ball"])
     assert all(torch.isfinite(v).all() for v in out.per_aspect.values())
+
+
+def _normalize_on_rank(rank, init_file, out_dir):
+    """One rank of the 2-process test: rank-specific scores; rank 1 drops every sample of its second batch."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rewards = RewardSet({"a": Constant([0.0] * 4), "b": Constant([0.0] * 4, aspect="temporal")},
+                            normalize=True, momentum=0.5, on_nonfinite="drop_group")
+        # Per batch, per rank: the scores of reward "a", then of reward "b".
+        batches = [
+            {0: ([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0]), 1: ([10.0, 20.0, 30.0, 40.0], [5.0, 5.0, 5.0, 7.0])},
+            {0: ([2.0, 2.0, 4.0, 4.0], [1.0, 3.0, 1.0, 3.0]), 1: ([1.0, float("nan"), 1.0, float("nan")], [0.0, 1.0, 2.0, 3.0])},
+        ]
+        for batch in batches:
+            a, b = batch[rank]
+            rewards.rewards["a"].values, rewards.rewards["b"].values = torch.tensor(a), torch.tensor(b)
+            out = rewards(_videos(4), ["p", "p", "q", "q"], group_size=2)
+        torch.save({"mean": rewards.running_mean, "var": rewards.running_var, "per_aspect": out.per_aspect},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_running_statistics_are_pooled_over_ranks(tmp_path):
+    torch.multiprocessing.spawn(_normalize_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    # Reference: one process that sees both ranks' kept samples of each batch.
+    first = torch.tensor([[1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 1.0, 1.0, 5.0, 5.0, 5.0, 7.0]])
+    second = torch.tensor([[2.0, 2.0, 4.0, 4.0], [1.0, 3.0, 1.0, 3.0]])  # rank 1 dropped both its groups
+    mean = 0.5 * first.mean(1) + 0.5 * second.mean(1)
+    var = 0.5 * first.var(1, unbiased=False) + 0.5 * second.var(1, unbiased=False)
+    for rank in ranks:
+        torch.testing.assert_close(rank["mean"], mean)
+        torch.testing.assert_close(rank["var"], var)
+    assert torch.equal(ranks[0]["mean"], ranks[1]["mean"]) and torch.equal(ranks[0]["var"], ranks[1]["var"])
