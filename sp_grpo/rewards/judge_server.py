@@ -14,7 +14,8 @@ question. The score is, in order of preference:
   must be exactly that integer; the score is :math:`(r - 1) / (N - 1)`.
 
 ``"auto"`` asks for logprobs and switches to ``"rating"`` (once, with a warning) when the server
-returns none; each process decides on its own, so under several processes set the mode explicitly. Requests run ``max_concurrency`` at a time with a ``timeout`` each; connection errors,
+returns none; each process decides on its own, so under several processes set the mode explicitly.
+Requests run ``max_concurrency`` at a time with a ``timeout`` each; connection errors,
 timeouts, HTTP 429 and 5xx are retried ``retries`` times with exponential backoff. A server that stays
 down, or answers something that is not a valid score, raises :class:`JudgeServerError` naming the URL
 and the setting to check; it never yields a silent 0 or NaN reward.
@@ -176,7 +177,9 @@ class ServerJudge(VideoJudge):
         self.num_frames, self.max_side, self.system = num_frames, max_side, system
         self.yes, self.no = set(answer_spellings(yes_tokens)), set(answer_spellings(no_tokens))
         if both := self.yes & self.no:
-            raise ValueError(f"ServerJudge: {sorted(both)} spell both a yes_tokens and a no_tokens word; keep the two lists apart.")
+            raise ValueError(
+                f"ServerJudge: {sorted(both)} spell both a yes_tokens and a no_tokens word; keep the two lists apart."
+            )
         self.top_logprobs, self.rating_scale = top_logprobs, rating_scale
         self.max_concurrency, self.timeout, self.retries, self.backoff = max_concurrency, timeout, retries, backoff
         self.api_key_env = api_key_env

@@ -16,6 +16,10 @@ pair of a chunk. Read each head with :class:`~sp_grpo.rewards.JudgeReward`::
 Judges built from the same folder and dtype share one loaded model (as backbones do), so a YAML
 config that gives each :class:`~sp_grpo.rewards.JudgeReward` its own ``QwenVLJudge`` block still
 loads the model once and, inside a :class:`~sp_grpo.rewards.RewardSet`, runs it once per batch.
+
+:class:`VideoAlignJudge` is VideoAlign's VideoReward (a Qwen2-VL with a linear reward head read at
+three reward tokens), built from its released checkpoint folder and a local base model folder.
+Both judges show the video the same way (:class:`QwenVideoChat`).
 """
 
 from __future__ import annotations
@@ -286,7 +290,9 @@ class QwenVideoChat(VideoJudge):
         self.min_pixels = int(min_pixels or pre.get("min_pixels") or size.get("shortest_edge") or QWEN_VIDEO_MIN_PIXELS)
         self.max_pixels = int(max_pixels or pre.get("max_pixels") or size.get("longest_edge") or QWEN_VIDEO_MAX_PIXELS)
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"{name}: `min_pixels` ({self.min_pixels}) must not exceed `max_pixels` ({self.max_pixels}).")
+            raise ValueError(
+                f"{name}: `min_pixels` ({self.min_pixels}) must not exceed `max_pixels` ({self.max_pixels})."
+            )
         self.image_mean = tuple(pre.get("image_mean", _CLIP_MEAN))
         self.image_std = tuple(pre.get("image_std", _CLIP_STD))
 
@@ -332,7 +338,9 @@ class QwenVideoChat(VideoJudge):
         )
         return self.vlm.tokenizer.encode(prompt, add_special_tokens=False)
 
-    def model_inputs(self, sequences: list[list[int]], videos: list[tuple[Tensor, tuple[int, int, int]]]) -> dict[str, Any]:
+    def model_inputs(
+        self, sequences: list[list[int]], videos: list[tuple[Tensor, tuple[int, int, int]]]
+    ) -> dict[str, Any]:
         """The keyword arguments of one forward pass over ``sequences``, each with its video.
 
         Rows are left-padded, so every row's last position is its prompt's last token.
@@ -348,7 +356,8 @@ class QwenVideoChat(VideoJudge):
             use_cache=False,
         )
         if self.vlm.takes_seconds:
-            inputs["second_per_grid_ts"] = torch.full((len(videos),), self.temporal_patch_size / self.fps, device=device)
+            seconds = self.temporal_patch_size / self.fps
+            inputs["second_per_grid_ts"] = torch.full((len(videos),), seconds, device=device)
         if self.vlm.takes_token_types:
             inputs["mm_token_type_ids"] = (input_ids == self.video_token_id).int() * 2  # 2 marks video tokens
         return inputs
@@ -416,7 +425,8 @@ class QwenVLJudge(QwenVideoChat):
         self.no_ids = answer_token_ids(vlm.tokenizer, no_tokens, "no_tokens")
         if both := set(self.yes_ids) & set(self.no_ids):
             raise ValueError(
-                f"QwenVLJudge: token ids {sorted(both)} spell both a yes_tokens and a no_tokens word; keep the two lists apart."
+                f"QwenVLJudge: token ids {sorted(both)} spell both a yes_tokens and a no_tokens word; "
+                "keep the two lists apart."
             )
         # Judges that share the model share its memo; this key keeps their questions apart.
         self._memo_kind = "judge" + repr(
@@ -433,7 +443,8 @@ class QwenVLJudge(QwenVideoChat):
         scores = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
-            sequences = [self.chat_ids(self.questions[head].replace("{prompt}", prompts[b]), patched[b][1]) for b, head in chunk]
+            texts = [self.questions[head].replace("{prompt}", prompts[b]) for b, head in chunk]
+            sequences = [self.chat_ids(text, patched[b][1]) for text, (b, _) in zip(texts, chunk)]
             inputs = self.model_inputs(sequences, [patched[b] for b, _ in chunk])
             logits = self.vlm.model(**inputs, logits_to_keep=1).logits[:, -1]
             scores.append(yes_probability(logits, self.yes_ids, self.no_ids))
@@ -470,7 +481,10 @@ def _lora_deltas(adapter: Mapping[str, Tensor], config: Mapping[str, Any]) -> di
     transposed, so their update is :math:`s\\,(BA)^\\top`.
     """
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError("VideoAlignJudge: the adapter uses per-module ranks (`rank_pattern`/`alpha_pattern`), which this loader does not merge.")
+        raise ValueError(
+            "VideoAlignJudge: the adapter uses per-module ranks (`rank_pattern`/`alpha_pattern`), which this loader "
+            "does not merge."
+        )
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     adapter = {key.replace(".default", ""): value for key, value in adapter.items()}
@@ -524,9 +538,12 @@ def load_videoalign(
             "VideoAlignJudge: model_config.json has `use_special_tokens` false; only the released layout, a reward "
             f"read at the tokens {list(VIDEOALIGN_TOKENS)}, is supported."
         )
-    steps = {int(p.name.rsplit("-", 1)[1]): p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()}
+    steps = {int(p.name.split("-")[-1]): p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()}
     if not steps or (step is not None and step not in steps):
-        raise FileNotFoundError(f"VideoAlignJudge: no checkpoint-{step if step is not None else '<step>'} in {str(folder)!r} (found {sorted(steps)}).")
+        raise FileNotFoundError(
+            f"VideoAlignJudge: no checkpoint-{step if step is not None else '<step>'} in {str(folder)!r} "
+            f"(found {sorted(steps)}); set `step` to one of them, or None for the highest."
+        )
     weights_dir = steps[max(steps) if step is None else step]
     key = (str(weights_dir.resolve()), str(Path(base_model).expanduser().resolve()), str(_resolve_dtype(dtype)))
     if (loaded := _LOADED.get(key)) is not None:  # three YAML blocks for three heads load it once
@@ -562,11 +579,13 @@ def load_videoalign(
                 state[name].add_(value.to(state[name])) if add else state[name].copy_(value)
     if unknown:
         raise ValueError(
-            f"VideoAlignJudge: {len(unknown)} checkpoint weights have no place in {str(base_model)!r}, e.g. {unknown[:3]}; "
-            "`base_model` must be the model named in model_config.json (`model_name_or_path`)."
+            f"VideoAlignJudge: {len(unknown)} checkpoint weights have no place in {str(base_model)!r}, "
+            f"e.g. {unknown[:3]}; `base_model` must be the model named in model_config.json (`model_name_or_path`)."
         )
     if "rm_head.weight" not in {_videoalign_name(saved_name, state) for saved_name in saved}:
-        raise ValueError(f"VideoAlignJudge: {str(weights_dir)!r} holds no `rm_head` weights; it is not a VideoReward checkpoint.")
+        raise ValueError(
+            f"VideoAlignJudge: {str(weights_dir)!r} holds no `rm_head` weights; it is not a VideoReward checkpoint."
+        )
     _LOADED[key] = vlm
     return vlm, config
 
@@ -645,7 +664,8 @@ class VideoAlignJudge(QwenVideoChat):
         rewards = []
         for start in range(0, len(prompts), self.batch_size):
             rows = range(start, min(start + self.batch_size, len(prompts)))
-            sequences = [self.chat_ids(self.prompt_template.replace("{prompt}", prompts[b]), patched[b][1]) for b in rows]
+            texts = [self.prompt_template.replace("{prompt}", prompts[b]) for b in rows]
+            sequences = [self.chat_ids(text, patched[b][1]) for text, b in zip(texts, rows)]
             inputs = self.model_inputs(sequences, [patched[b] for b in rows])
             hidden = self.vlm.model.model(**inputs).last_hidden_state
             # (rows, 3, D) at the three reward tokens, in VQ, MQ, TA order
