@@ -211,3 +211,20 @@ def test_flat_noisy_low_rewards_do_not_advance(seed):
 def test_constant_rewards_do_not_advance():
     stages, _ = _run(lambda t, w: torch.full((3, 8), 0.2), 100)
     assert max(stages) == 0
+
+
+def test_tighten_strictness_matches_reference():
+    from sp_grpo.functional.curriculum import tighten_strictness
+
+    nan = float("nan")
+    strictness = [0.0, 0.8, nan, 1.0, 0.2]
+    progress = [1.0, 0.9, 1.0, 1.0, 0.4]
+    competence = [0.9, 0.75, 0.9, 0.9, 0.9]
+    got, raised = tighten_strictness(torch.tensor(strictness), torch.tensor(progress), torch.tensor(competence), 0.7, 0.5)
+    expected, expected_raised = [], []
+    for s, u, c in zip(strictness, progress, competence):
+        up = s == s and u >= 0.5 and c >= 0.7 and s < 1.0  # graded (not NaN), unlocked, competent, not yet strict
+        expected.append(min(1.0, s + 0.5) if up else s)
+        expected_raised.append(up)
+    torch.testing.assert_close(got, torch.tensor(expected), equal_nan=True)
+    assert raised.tolist() == expected_raised
