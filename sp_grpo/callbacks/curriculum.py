@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, gather_step, graded_aspects
@@ -205,14 +205,8 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         if self.targets is not None:
             targets = torch.tensor([self.targets.get(a, float("nan")) for a in self.aspects], dtype=torch.float32)
         return competence(
-            state,
-            target_gain=self.target_gain,
-            significance=self.significance,
-            targets=targets,
-            saturation=self.saturation,
-            stall_slope=self.stall_slope,
-            warmup_steps=self.warmup_steps,
-            decay=self.decay,
+            state, target_gain=self.target_gain, significance=self.significance, targets=targets,
+            saturation=self.saturation, stall_slope=self.stall_slope, warmup_steps=self.warmup_steps, decay=self.decay,
         )
 
     def _unlock(self, competence: Tensor) -> Tensor:
@@ -351,15 +345,20 @@ class SelfPacedCurriculum(RewardWeightsCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
         if self.plot_filename is not None and loggers:
-            self._plot(loggers[0])
+            self._plot(loggers[0], trainer.log_every_n_steps)
 
     @rank_zero_only
-    def _plot(self, logger: CSVLogger) -> None:
+    def _plot(self, logger: CSVLogger, log_every_n_steps: int) -> None:
         # Only the logger's own folder: no Trainer property that broadcasts (rank 0 alone runs this).
         logger.save()  # flush the rows the logger still buffers into metrics.csv
         metrics = Path(logger.log_dir) / "metrics.csv"
-        if metrics.is_file():
+        try:
             plot_curriculum(metrics, Path(logger.log_dir) / self.plot_filename, self.aspects)
+        except (FileNotFoundError, ValueError) as err:
+            rank_zero_warn(
+                f"SelfPacedCurriculum: no {self.plot_filename}, nothing to plot in {metrics} (a run shorter than "
+                f"`trainer.log_every_n_steps` ({log_every_n_steps}) logs no row): {err}"
+            )
 
     # -- checkpointing -------------------------------------------------------------------------------
 

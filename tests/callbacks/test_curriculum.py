@@ -359,3 +359,10 @@ def test_plot_is_drawn_from_the_logged_metrics(tmp_path, monkeypatch):
     assert drawn == {"csv": folder / "metrics.csv", "png": folder / "curriculum.png"}
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and "curriculum/weight_fidelity" in rows[0]  # flushed before plotting
+
+
+def test_run_with_nothing_logged_yet_warns_instead_of_plotting(tmp_path):
+    trainer = _trainer(tmp_path, 2, [SelfPacedCurriculum(**FAST)], logger=CSVLogger(tmp_path), log_every_n_steps=50)
+    with pytest.warns(UserWarning, match=r"no curriculum.png, nothing to plot in .*metrics.csv \(a run shorter than `trainer.log_every_n_steps` \(50\)"):
+        trainer.fit(ToyRewardModule())
+    assert not list(tmp_path.rglob("*.png"))
