@@ -8,6 +8,7 @@ from sp_grpo.rewards.judges import CallableJudge, VideoJudge
 from sp_grpo.rewards.mixture import RewardOutput, RewardSet
 from sp_grpo.rewards.semantic import ColorPromptAlignment, JudgeReward, TextVideoAlignment
 from sp_grpo.rewards.temporal import DynamicDegree, FeatureConsistency, MotionSmoothness, TemporalFlickering
+from sp_grpo.rewards.videoalign import VideoAlignJudge
 from sp_grpo.rewards.vlm_judge import FrozenVLM, QwenVLJudge
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Sharpness",
     "TemporalFlickering",
     "TextVideoAlignment",
+    "VideoAlignJudge",
     "VideoJudge",
     "VideoReward",
     "check_videos",

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from sp_grpo.rewards import JudgeReward, RewardSet
-from sp_grpo.rewards.vlm_judge import VIDEOALIGN_TOKENS, VideoAlignJudge, load_frozen_vlm
+from sp_grpo.rewards.videoalign import VIDEOALIGN_TOKENS, VideoAlignJudge
+from sp_grpo.rewards.vlm_loading import load_frozen_vlm
 from tests.rewards.conftest import build_tiny_qwen2_vl
 
 TEMPLATE = "Rate the video of {prompt} . quality : <|VQ_reward|> motion : <|MQ_reward|> text : <|TA_reward|>"
