@@ -81,9 +81,14 @@ def pipeline_components(policy: nn.Module, pipe_cls: type) -> dict[str, Any]:
     """The policy's modules under the names the pipeline's constructor takes (shared, not copied)."""
     import inspect
 
+    from sp_grpo.toy.pixel_vae import pipeline_vae
+
     names = [name for name in inspect.signature(pipe_cls.__init__).parameters if name != "self"]
-    # The adapters keep each part under the pipeline's own name (a pixel-space Wan has `vae = None`).
-    return {name: getattr(policy, name) for name in names if hasattr(policy, name)}
+    # The adapters keep each part under the pipeline's own name; a pixel-space Wan's identity VAE is `vae=None` there.
+    parts = {name: getattr(policy, name) for name in names if hasattr(policy, name)}
+    if "vae" in parts:
+        parts["vae"] = pipeline_vae(parts["vae"])
+    return parts
 
 
 def export(trained: TrainedPolicy, out: Path) -> dict[str, Any]:
@@ -125,6 +130,8 @@ def export(trained: TrainedPolicy, out: Path) -> dict[str, Any]:
 
 
 def _facts(trained: TrainedPolicy, pipe_cls: type) -> dict[str, Any]:
+    from sp_grpo.toy.pixel_vae import PixelSpaceVAE
+
     policy = trained.policy
     spec = trained.policy_config
     init_args = spec.get("init_args", {}) or {}
@@ -143,7 +150,7 @@ def _facts(trained: TrainedPolicy, pipe_cls: type) -> dict[str, Any]:
         "global_step": trained.global_step,
         "iterations": trained.iterations,
         "config": str(trained.config_path),
-        "pixel_space": getattr(policy, "vae", True) is None,
+        "pixel_space": isinstance(getattr(policy, "vae", None), PixelSpaceVAE),
         "sampler": {
             "num_inference_steps": sampler.num_steps,
             "guidance_scale": sampler.guidance_scale,

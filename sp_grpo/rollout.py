@@ -8,13 +8,13 @@ policy's :meth:`~sp_grpo.policies.VideoPolicy.velocity` and :func:`~sp_grpo.func
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from sp_grpo.functional.sde import SDEKind, check_sigma_schedule, sde_step
-from sp_grpo.policies.base import PromptEmbeds, VideoPolicy
+from sp_grpo.policies.protocol import PromptEmbeds, VideoPolicy
 
 StepSelection = Literal["all", "random", "window"]
 WindowPlacement = Literal["fixed", "random", "sliding"]
@@ -22,8 +22,12 @@ _SDE_KINDS = ("sde", "cps", "dance")
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
-    """How rollouts are sampled and which denoising steps are trained.
+class DenoisingConfig:
+    """How videos are denoised (steps, guidance, SDE kind and noise, size) and which steps are trained.
+
+    The training loop's settings are ``model.sampler``; the validation loop's ``model.val_sampler``
+    (:class:`ValDenoisingConfig`: the same fields, its errors name ``model.val_sampler``). An error
+    names the setting as ``<config_key>.<field>``.
 
     Args:
         num_steps: Denoising steps per video.
@@ -49,11 +53,11 @@ class SamplerConfig:
         window_slide_every: Iterations between moves of a sliding window.
 
     Example:
-        >>> config = SamplerConfig(num_steps=10, train_steps="window", window_size=2, window_placement="fixed", window_start=3)
+        >>> config = DenoisingConfig(num_steps=10, train_steps="window", window_size=2, window_placement="fixed", window_start=3)
         >>> stochastic, train_mask = select_steps(config, num_samples=2, iteration=0, generator=torch.Generator())
         >>> stochastic.nonzero().flatten().tolist()
         [3, 4]
-        >>> SamplerConfig(noise_level=0.0)
+        >>> DenoisingConfig(noise_level=0.0)
         Traceback (most recent call last):
         ...
         ValueError: `model.sampler.noise_level` (0.0) must be positive: GRPO needs stochastic steps to have a likelihood; typical values are 0.7 (sde), 0.3 (dance), 0.8 (cps).
@@ -74,8 +78,18 @@ class SamplerConfig:
     window_start: int = 0
     window_slide_every: int = 1
 
+    #: Where the settings live in a config, for the error messages.
+    config_key: ClassVar[str] = "model.sampler"
+
     def __post_init__(self) -> None:
-        prefix = "model.sampler"
+        self.check(self.config_key)
+
+    def check(self, prefix: str) -> None:
+        """Check every field; an error names it as ``{prefix}.{field}``.
+
+        Raises:
+            ValueError: a field is out of range or the fields disagree.
+        """
         if self.num_steps < 1:
             raise ValueError(f"`{prefix}.num_steps` ({self.num_steps}) must be at least 1.")
         if self.guidance_scale < 1.0:
@@ -113,6 +127,24 @@ class SamplerConfig:
             raise ValueError(f"`{prefix}.window_slide_every` ({self.window_slide_every}) must be at least 1.")
 
 
+@dataclass(frozen=True)
+class ValDenoisingConfig(DenoisingConfig):
+    """:class:`DenoisingConfig` of the validation loop (``model.val_sampler``), whose errors name that key.
+
+    Example:
+        >>> ValDenoisingConfig(num_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `model.val_sampler.num_steps` (0) must be at least 1.
+    """
+
+    config_key: ClassVar[str] = "model.val_sampler"
+
+
+#: The former name of :class:`DenoisingConfig`, kept for existing imports.
+SamplerConfig = DenoisingConfig
+
+
 @dataclass
 class Rollout:
     """Everything one GRPO iteration needs from sampling.
@@ -147,7 +179,7 @@ class Rollout:
         return len(self.prompts)
 
 
-def select_steps(config: SamplerConfig, num_samples: int, iteration: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def select_steps(config: DenoisingConfig, num_samples: int, iteration: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Which steps are stochastic, and which (sample, step) pairs are trained.
 
     Args:
@@ -185,7 +217,7 @@ def sample_rollout(
     policy: VideoPolicy,
     prompts: Sequence[str],
     group_size: int,
-    config: SamplerConfig,
+    config: DenoisingConfig,
     *,
     generator: torch.Generator,
     iteration: int = 0,
@@ -202,8 +234,8 @@ def sample_rollout(
         prompts: ``P`` unique prompts.
         group_size: ``G`` samples per prompt.
         config: Sampler settings.
-        generator: Source of all randomness (initial noise, step noise, step choice); on ``device``.
-            The same seed gives the same rollout.
+        generator: Source of all randomness (initial noise, step noise, step choice, a decoder's
+            noise); on ``device``. The same seed gives the same rollout.
         iteration: Training iteration, for sliding windows.
         device: Where latents live.
         latent_dtype: Dtype of the stored latents.
@@ -224,7 +256,7 @@ def _sample_rollout(
     policy: VideoPolicy,
     prompts: Sequence[str],
     group_size: int,
-    config: SamplerConfig,
+    config: DenoisingConfig,
     generator: torch.Generator,
     iteration: int,
     device: torch.device,
@@ -256,7 +288,7 @@ def _sample_rollout(
         deterministic = _denoise(policy, embeds, noise, sigmas, stochastic, config, generator, latents, log_probs)
     # A step the sampler made deterministic (e.g. CPS's last step) has no likelihood to train.
     train_mask[:, deterministic] = False
-    videos = policy.decode(latents[:, -1])
+    videos = policy.decode(latents[:, -1], generator=generator)
     return Rollout(
         prompts=[p for p in prompts for _ in range(group_size)],
         group_size=group_size,
@@ -276,7 +308,7 @@ def _denoise(
     noise: Tensor,
     sigmas: Tensor,
     stochastic: Tensor,
-    config: SamplerConfig,
+    config: DenoisingConfig,
     generator: torch.Generator | None,
     latents: Tensor,
     log_probs: Tensor,
@@ -313,7 +345,7 @@ def _denoise(
 def sample_ode(
     policy: VideoPolicy,
     prompts: Sequence[str],
-    config: SamplerConfig,
+    config: DenoisingConfig,
     *,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
@@ -336,7 +368,17 @@ def sample_ode(
     latents = torch.empty((len(prompts), config.num_steps + 1, *shape), device=device, dtype=torch.float32)
     log_probs = torch.zeros((len(prompts), config.num_steps), device=device, dtype=torch.float32)
     _denoise(policy, embeds, noise, sigmas, stochastic, config, None, latents, log_probs)
-    return policy.decode(latents[:, -1])
+    return policy.decode(latents[:, -1], generator=generator)
 
 
-__all__ = ["Rollout", "SamplerConfig", "StepSelection", "WindowPlacement", "sample_ode", "sample_rollout", "select_steps"]
+__all__ = [
+    "DenoisingConfig",
+    "Rollout",
+    "SamplerConfig",
+    "StepSelection",
+    "ValDenoisingConfig",
+    "WindowPlacement",
+    "sample_ode",
+    "sample_rollout",
+    "select_steps",
+]

@@ -190,7 +190,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         overrides = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale}
         try:
             sampler = dataclasses.replace(trained.sampler, **{k: v for k, v in overrides.items() if v is not None})
-        except ValueError as err:  # SamplerConfig names `model.sampler.<field>`; here the flag set it
+        except ValueError as err:  # DenoisingConfig names `model.sampler.<field>`; here the flag set it
             message = str(err).replace("`model.sampler.num_steps`", "`--num-steps`")
             raise RunInputError(message.replace("`model.sampler.guidance_scale`", "`--guidance-scale`")) from err
         trained = dataclasses.replace(trained, sampler=sampler)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sp_grpo.checkpoint import CheckpointError
-from sp_grpo.rollout import SamplerConfig
+from sp_grpo.rollout import DenoisingConfig
 
 WeightsChoice = Literal["auto", "ema", "current"]
 _WEIGHTS = ("auto", "ema", "current")
@@ -55,7 +55,7 @@ class TrainedPolicy:
     """
 
     policy: nn.Module
-    sampler: SamplerConfig
+    sampler: DenoisingConfig
     config_path: Path
     config: Any
     checkpoint_path: Path | None
@@ -142,11 +142,11 @@ def build_policy(config: Any) -> nn.Module:
     return parser.instantiate_classes(parsed).policy
 
 
-def run_sampler(config: Any) -> SamplerConfig:
-    """``model.sampler`` of a parsed config as a :class:`~sp_grpo.rollout.SamplerConfig`."""
+def run_sampler(config: Any) -> DenoisingConfig:
+    """``model.sampler`` of a parsed config as a :class:`~sp_grpo.rollout.DenoisingConfig`."""
     sampler = _to_dict(config.model.sampler)
-    fields = {field.name for field in dataclasses.fields(SamplerConfig)}
-    return SamplerConfig(**{key: value for key, value in sampler.items() if key in fields})
+    fields = {field.name for field in dataclasses.fields(DenoisingConfig)}
+    return DenoisingConfig(**{key: value for key, value in sampler.items() if key in fields})
 
 
 def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:

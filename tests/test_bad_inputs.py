@@ -12,7 +12,7 @@ from sp_grpo.data import PromptDataModule
 from sp_grpo.module import SelfPacedGRPO
 from sp_grpo.policies import TinyWanPolicy, WanPolicy
 from sp_grpo.rewards import RewardSet, Sharpness, VideoReward
-from sp_grpo.rollout import SamplerConfig
+from sp_grpo.rollout import DenoisingConfig
 from sp_grpo.scoring import score_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +66,9 @@ CASES = {
     "empty prompt file": (lambda tmp: PromptDataModule(prompt_file=_prompt_file(tmp, b"\n# no prompt\n")), ValueError, "holds no prompt"),
     "undecodable prompt file": (lambda tmp: PromptDataModule(prompt_file=_prompt_file(tmp, b"caf\xe9\n")), ValueError, "not UTF-8"),
     "group_size < 2": (lambda tmp: _module(group_size=1), ValueError, r"`group_size` \(1\) must be at least 2.*set `model.group_size`"),
-    "invalid noise level": (lambda tmp: SamplerConfig(noise_level=-0.5), ValueError, r"`model.sampler.noise_level` \(-0.5\) must be positive"),
-    "step window too large": (lambda tmp: SamplerConfig(num_steps=4, train_steps="window", window_size=6), ValueError, r"window_size` \(6\) must be between 1 and `num_steps` \(4\)"),
-    "step window out of range": (lambda tmp: SamplerConfig(num_steps=4, train_steps="window", window_size=2, window_start=3), ValueError, r"window_start` \(3\)"),
+    "invalid noise level": (lambda tmp: DenoisingConfig(noise_level=-0.5), ValueError, r"`model.sampler.noise_level` \(-0.5\) must be positive"),
+    "step window too large": (lambda tmp: DenoisingConfig(num_steps=4, train_steps="window", window_size=6), ValueError, r"window_size` \(6\) must be between 1 and `num_steps` \(4\)"),
+    "step window out of range": (lambda tmp: DenoisingConfig(num_steps=4, train_steps="window", window_size=2, window_start=3), ValueError, r"window_start` \(3\)"),
     "video size off the strides": (lambda tmp: TinyWanPolicy().latent_shape(9, 60, 64), ValueError, r"`height` \(60\) must be a positive multiple of 16"),
     "model path missing": (lambda tmp: WanPolicy(str(tmp / "no-model")), FileNotFoundError, "pretrained_path.*does not exist"),
     "model path not diffusers": (lambda tmp: WanPolicy(str(tmp)), ValueError, "not a diffusers Wan folder"),
@@ -90,7 +90,7 @@ def test_bad_input_has_a_clear_error(case, tmp_path, monkeypatch):
 
 
 def test_batch_that_does_not_split_fails_before_any_rollout():
-    module = _module(group_size=3, num_minibatches=2, sampler=SamplerConfig(num_steps=2, num_frames=5, height=32, width=32))
+    module = _module(group_size=3, num_minibatches=2, sampler=DenoisingConfig(num_steps=2, num_frames=5, height=32, width=32))
     calls = []
     module.policy.transformer.register_forward_hook(lambda *args: calls.append(1))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)

@@ -6,6 +6,7 @@ strategy and precision as written are still type-checked by a full parse with ``
 """
 
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 
@@ -59,6 +60,13 @@ def test_config_parses_and_instantiates(config, tmp_path, monkeypatch, mocked_lo
     cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
     cli = cli_main(["--config", str(config), *cpu], run=False)
     assert cli.model.policy.trainable_parameters()
+    # The policy's shared settings, flat under init_args in the YAML, reach its PolicySettings as written.
+    written, settings = parsed["model"]["policy"]["init_args"], cli.model.policy.settings
+    shared = {field.name for field in dataclasses.fields(settings)} & written.keys()
+    assert {"torch_dtype", "lora_rank", "cfg_batched"} <= shared
+    for name in shared:
+        value = written[name]
+        assert getattr(settings, name) == (tuple(value) if isinstance(value, list) else value), name
     assert cli.datamodule.train_prompts
     if config in REAL:
         ((_, path, _),) = mocked_loaders

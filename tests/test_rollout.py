@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from sp_grpo.functional.sde import sde_step
 from sp_grpo.policies import TinyWanPolicy, tiny_wan_components
-from sp_grpo.rollout import SamplerConfig, sample_ode, sample_rollout, select_steps
+from sp_grpo.rollout import DenoisingConfig, ValDenoisingConfig, sample_ode, sample_rollout, select_steps
 
 SMALL = dict(num_steps=4, num_frames=5, height=32, width=32)
 
@@ -14,7 +16,7 @@ def policy():
 
 
 def _rollout(policy, seed=0, prompts=("a red square", "a blue circle"), group_size=3, **overrides):
-    config = SamplerConfig(**{**SMALL, **overrides})
+    config = DenoisingConfig(**{**SMALL, **overrides})
     return sample_rollout(policy, list(prompts), group_size, config, generator=torch.Generator().manual_seed(seed))
 
 
@@ -76,7 +78,7 @@ def test_ode_sampling_matches_wan_pipeline():
     policy = TinyWanPolicy(seed=0)
     components = tiny_wan_components(0)
     pipe = components.pipeline()
-    config = SamplerConfig(**SMALL, guidance_scale=3.0)
+    config = DenoisingConfig(**SMALL, guidance_scale=3.0)
     ours = sample_ode(policy, ["a red square moving left"], config, generator=torch.Generator().manual_seed(0))
     noise = torch.randn((1, *policy.latent_shape(5, 32, 32)), generator=torch.Generator().manual_seed(0))
     theirs = pipe(
@@ -96,18 +98,18 @@ def test_ode_sampling_matches_wan_pipeline():
 
 def test_select_steps():
     gen = torch.Generator().manual_seed(0)
-    stochastic, mask = select_steps(SamplerConfig(num_steps=10), 3, 0, gen)
+    stochastic, mask = select_steps(DenoisingConfig(num_steps=10), 3, 0, gen)
     assert stochastic.all() and mask.all()
-    stochastic, mask = select_steps(SamplerConfig(num_steps=10, train_steps="random", train_fraction=0.3), 50, 0, gen)
+    stochastic, mask = select_steps(DenoisingConfig(num_steps=10, train_steps="random", train_fraction=0.3), 50, 0, gen)
     assert stochastic.all() and (mask.sum(1) == 3).all()
     assert len({tuple(row.tolist()) for row in mask}) > 1  # each sample has its own steps
-    fixed = SamplerConfig(num_steps=10, train_steps="window", window_size=2, window_placement="fixed", window_start=3)
+    fixed = DenoisingConfig(num_steps=10, train_steps="window", window_size=2, window_placement="fixed", window_start=3)
     stochastic, mask = select_steps(fixed, 2, 0, gen)
     assert stochastic.nonzero().flatten().tolist() == [3, 4] and torch.equal(mask[0], stochastic)
-    sliding = SamplerConfig(num_steps=5, train_steps="window", window_size=2, window_placement="sliding", window_slide_every=2)
+    sliding = DenoisingConfig(num_steps=5, train_steps="window", window_size=2, window_placement="sliding", window_slide_every=2)
     starts = [int(select_steps(sliding, 1, it, gen)[0].nonzero()[0]) for it in range(10)]
     assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
-    random_window = SamplerConfig(num_steps=10, train_steps="window", window_size=3)
+    random_window = DenoisingConfig(num_steps=10, train_steps="window", window_size=3)
     starts = {int(select_steps(random_window, 1, 0, gen)[0].nonzero()[0]) for _ in range(100)}
     assert starts == set(range(8))
 
@@ -141,4 +143,32 @@ def test_window_steps_alone_are_stochastic(policy):
 )
 def test_sampler_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SamplerConfig(**kwargs)
+        DenoisingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"num_steps": 0}, "num_steps"), ({"noise_level": 0.0}, "noise_level"), ({"train_steps": "window", "window_size": 11}, "window_size")],
+)
+def test_validation_config_errors_name_model_val_sampler(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^`model\.val_sampler\.{field}`"):
+        ValDenoisingConfig(**kwargs)
+    with pytest.raises(ValueError, match=rf"^`model\.sampler\.{field}`"):
+        DenoisingConfig(**kwargs)
+    # The same check under any other name, for code that builds the settings itself.
+    with pytest.raises(ValueError, match=rf"^`my\.settings\.{field}`"):
+        _unchecked(**kwargs).check("my.settings")
+
+
+def _unchecked(**kwargs) -> DenoisingConfig:
+    """A DenoisingConfig with ``kwargs`` set, bypassing the check at construction."""
+    config = DenoisingConfig()
+    for key, value in kwargs.items():
+        object.__setattr__(config, key, value)
+    return config
+
+
+def test_validation_config_has_the_same_fields_and_values():
+    val = ValDenoisingConfig(num_steps=3, height=32)
+    assert isinstance(val, DenoisingConfig)
+    assert dataclasses.asdict(val) == dataclasses.asdict(DenoisingConfig(num_steps=3, height=32))

@@ -1,16 +1,29 @@
-"""Generator adapters behind one protocol, :class:`VideoPolicy`: Wan, HunyuanVideo, LTX-Video."""
+"""Generator adapters behind one protocol, :class:`VideoPolicy`: Wan, HunyuanVideo, LTX-Video.
 
-from sp_grpo.policies.base import PromptEmbeds, VideoPolicy, cfg_velocity, omit_frozen_from_state_dict
-from sp_grpo.policies.common import DiffusersVideoPolicy, check_diffusers_folder, pack_text, unpack_text
+- ``protocol.py``: :class:`VideoPolicy`, what the rollout and the training step call, and :class:`PromptEmbeds`.
+- ``settings.py``: :class:`PolicySettings`, the settings every backbone shares (dtype, LoRA, guidance, decoding).
+- ``diffusers_base.py``: :class:`DiffusersVideoPolicy`, the base class that implements them for diffusers models.
+- ``diffusers_helpers.py``, ``guidance.py``: what the backbone files share besides the base class.
+- ``wan.py``, ``hunyuan.py``, ``ltx.py``: one file per backbone family; ``tiny.py``: offline tiny Wans.
+"""
+
+from sp_grpo.policies.diffusers_base import DiffusersVideoPolicy, LatentLayout
+from sp_grpo.policies.diffusers_helpers import check_diffusers_folder, omit_frozen_from_state_dict, pack_text, unpack_text
+from sp_grpo.policies.guidance import cfg_velocity
 from sp_grpo.policies.hunyuan import HunyuanVideoPolicy, load_hunyuan_components, save_hunyuan_folder, tiny_hunyuan_components
 from sp_grpo.policies.ltx import LTXVideoPolicy, load_ltx_components, save_ltx_folder, tiny_ltx_components
+from sp_grpo.policies.protocol import PromptEmbeds, VideoPolicy
+from sp_grpo.policies.settings import DEFAULT_LORA_TARGETS, PolicySettings
 from sp_grpo.policies.tiny import TinyWanPolicy, build_tokenizer, save_wan_folder, tiny_wan_components
 from sp_grpo.policies.wan import WanComponents, WanPolicy, load_wan_components
 
 __all__ = [
+    "DEFAULT_LORA_TARGETS",
     "DiffusersVideoPolicy",
     "HunyuanVideoPolicy",
     "LTXVideoPolicy",
+    "LatentLayout",
+    "PolicySettings",
     "PromptEmbeds",
     "TinyWanPolicy",
     "VideoPolicy",

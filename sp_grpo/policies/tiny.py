@@ -7,12 +7,10 @@ nothing is downloaded. Sizes follow diffusers' own dummy components for Wan.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Sequence
 
-import torch
-
-from sp_grpo.policies.wan import DEFAULT_LORA_TARGETS, DType, WanComponents, WanPolicy
+from sp_grpo.policies.diffusers_helpers import save_folder, seeded
+from sp_grpo.policies.wan import WanComponents, WanPolicy
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # T5's convention: pad 0, eos 1, unk 2
 DEFAULT_VOCABULARY = tuple(
@@ -102,9 +100,7 @@ def tiny_wan_components(
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     tokenizer = build_tokenizer(vocabulary)
-    devices = []  # fork_rng needs no CUDA devices here: everything is built on the CPU.
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed):
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=num_attention_heads,
@@ -137,57 +133,26 @@ class TinyWanPolicy(WanPolicy):
     """A :class:`WanPolicy` around :func:`tiny_wan_components`: builds offline in well under a second.
 
     Args:
-        seed: Seed of the random weights.
+        seed: Seed of the random weights and of the LoRA initialisation.
         lora_rank: LoRA rank through peft; ``None`` trains the whole transformer.
-        lora_alpha: LoRA scaling numerator; defaults to the rank.
-        lora_target_modules: Linear layers that get LoRA adapters.
         num_layers: Transformer blocks.
-        reference_copy: With full fine-tuning, keep a frozen copy of the transformer as the KL reference.
-        gradient_checkpointing: Recompute transformer blocks in the backward pass.
         max_sequence_length: Text tokens per prompt.
-        cfg_batched: Run both halves of classifier-free guidance as one batch, as two passes, or
-            ``auto``: whichever measured faster on the device type.
-        decode_chunk_size: Decode at most this many videos at once; ``None`` for all together.
+        **settings: The other settings every backbone shares, fields of
+            :class:`~sp_grpo.policies.settings.PolicySettings` (``reference_copy``, ``cfg_batched``, ...).
     """
 
-    def __init__(
-        self,
-        seed: int = 0,
-        *,
-        lora_rank: int | None = 4,
-        lora_alpha: float | None = None,
-        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
-        num_layers: int = 2,
-        reference_copy: bool = False,
-        gradient_checkpointing: bool = False,
-        max_sequence_length: int = 16,
-        cfg_batched: bool | Literal["auto"] = "auto",
-        decode_chunk_size: int | None = None,
-        torch_dtype: DType = "float32",
-    ) -> None:
+    def __init__(self, seed: int = 0, *, lora_rank: int | None = 4, num_layers: int = 2, max_sequence_length: int = 16, **settings: Any) -> None:
         super().__init__(
             components=tiny_wan_components(seed, num_layers=num_layers),
-            torch_dtype=torch_dtype,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_target_modules=lora_target_modules,
-            lora_seed=seed,
-            reference_copy=reference_copy,
-            gradient_checkpointing=gradient_checkpointing,
             max_sequence_length=max_sequence_length,
-            cfg_batched=cfg_batched,
-            decode_chunk_size=decode_chunk_size,
+            lora_rank=lora_rank,
+            lora_seed=seed,
+            **settings,
         )
 
 
-def save_wan_folder(components: WanComponents, path: str | Path) -> Path:
-    """Write components as a diffusers ``WanPipeline`` folder that :class:`WanPolicy` can load.
-
-    Returns:
-        The folder.
-    """
-    components.pipeline().save_pretrained(str(path), safe_serialization=True)
-    return Path(path)
+#: Write components as the diffusers ``WanPipeline`` folder that :class:`WanPolicy` loads (pixel space: no ``vae/``).
+save_wan_folder = save_folder
 
 
 __all__ = ["DEFAULT_VOCABULARY", "TinyWanPolicy", "build_tokenizer", "save_wan_folder", "tiny_text_encoder", "tiny_wan_components"]

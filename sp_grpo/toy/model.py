@@ -1,8 +1,9 @@
 """The tiny generator of the shapes world: diffusers' Wan transformer in pixel space, and its shipped weights.
 
 The network is the real ``WanTransformer3DModel`` with a UMT5 text encoder, at a size that runs a
-GRPO iteration in about a second on two CPU cores. It works on pixels (no VAE): latents are the RGB
-frames scaled to ``[-1, 1]``, laid out ``(3, T, H, W)``. Its patch is one world cell
+GRPO iteration in about a second on two CPU cores. It works on pixels: its VAE is the identity
+(:class:`~sp_grpo.toy.pixel_vae.PixelSpaceVAE`), latents are the RGB frames scaled to ``[-1, 1]``,
+laid out ``(3, T, H, W)``. Its patch is one world cell
 (:data:`~sp_grpo.toy.world.CELL`), so each token is a cell of one frame.
 
 ``sp_grpo/toy/checkpoint/`` holds weights pre-trained by flow matching on rendered videos
@@ -18,15 +19,17 @@ patch embeddings; everything else is diffusers' ``WanTransformer3DModel``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from diffusers import ModelMixin  # noqa: F401 - see below
 from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 
+from sp_grpo.policies.diffusers_helpers import seeded
 from sp_grpo.policies.tiny import build_tokenizer, tiny_text_encoder
-from sp_grpo.policies.wan import DEFAULT_LORA_TARGETS, DType, WanComponents, WanPolicy
+from sp_grpo.policies.wan import WanComponents, WanPolicy
+from sp_grpo.toy.pixel_vae import PixelSpaceVAE
 from sp_grpo.toy.world import CELL, GRID, NUM_FRAMES, VOCABULARY
 
 #: The shipped pre-trained generator (a diffusers Wan folder without ``vae/``: pixel space).
@@ -105,7 +108,7 @@ def load_shapes_components(path: str | Path) -> WanComponents:
         path: The folder (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
 
     Returns:
-        Components with ``vae=None``.
+        Components with the identity VAE (:class:`~sp_grpo.toy.pixel_vae.PixelSpaceVAE`).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -115,7 +118,7 @@ def load_shapes_components(path: str | Path) -> WanComponents:
     text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
-    return WanComponents(transformer, None, text_encoder, tokenizer, scheduler)
+    return WanComponents(transformer, PixelSpaceVAE(), text_encoder, tokenizer, scheduler)
 
 
 def shapes_wan_components(
@@ -140,13 +143,12 @@ def shapes_wan_components(
         shift: Flow shift of the sigma schedule (1: none; the frames are tiny).
 
     Returns:
-        Components with ``vae=None`` (pixel space) and the world's word-level tokenizer.
+        Components with the identity VAE (pixel space) and the world's word-level tokenizer.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     tokenizer = build_tokenizer(VOCABULARY)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         transformer = ShapesWanTransformer(
             num_attention_heads=num_attention_heads,
             attention_head_dim=attention_head_dim,
@@ -155,7 +157,7 @@ def shapes_wan_components(
             num_layers=num_layers,
         )
         text_encoder = tiny_text_encoder(len(tokenizer), text_dim)
-    return WanComponents(transformer, None, text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(shift=shift))
+    return WanComponents(transformer, PixelSpaceVAE(), text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(shift=shift))
 
 
 class ShapesWanPolicy(WanPolicy):
@@ -167,27 +169,14 @@ class ShapesWanPolicy(WanPolicy):
         pretrained_path: A folder written by ``python -m sp_grpo.toy.pretrain``; ``None`` loads the
             shipped checkpoint.
         lora_rank: LoRA rank through peft; ``None`` trains the whole transformer.
-        lora_alpha: LoRA scaling numerator; defaults to the rank.
-        lora_target_modules: Linear layers that get LoRA adapters.
-        lora_seed: Seed of the LoRA weights' initialisation.
-        reference_copy: With full fine-tuning, keep a frozen copy as the KL reference.
-        torch_dtype: Dtype of the transformer and text encoder.
+        **settings: The other settings every backbone shares, fields of
+            :class:`~sp_grpo.policies.settings.PolicySettings` (``reference_copy``, ``lora_seed``, ...).
 
     Raises:
         FileNotFoundError: If the checkpoint folder is missing.
     """
 
-    def __init__(
-        self,
-        pretrained_path: str | None = None,
-        *,
-        lora_rank: int | None = 8,
-        lora_alpha: float | None = None,
-        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
-        lora_seed: int = 0,
-        reference_copy: bool = False,
-        torch_dtype: DType = "float32",
-    ) -> None:
+    def __init__(self, pretrained_path: str | None = None, *, lora_rank: int | None = 8, **settings: Any) -> None:
         path = Path(pretrained_path) if pretrained_path is not None else CHECKPOINT_DIR
         if not (path / "model_index.json").exists():
             raise FileNotFoundError(
@@ -195,17 +184,7 @@ class ShapesWanPolicy(WanPolicy):
                 " sp_grpo/toy/checkpoint/) or pre-train one with `python -m sp_grpo.toy.pretrain --out DIR` and pass"
                 " `pretrained_path: DIR`."
             )
-        super().__init__(
-            components=load_shapes_components(path),
-            torch_dtype=torch_dtype,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_target_modules=lora_target_modules,
-            lora_seed=lora_seed,
-            reference_copy=reference_copy,
-            negative_prompt="",
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
+        super().__init__(components=load_shapes_components(path), max_sequence_length=MAX_SEQUENCE_LENGTH, lora_rank=lora_rank, **settings)
         #: The folder the weights came from (the shipped checkpoint unless ``pretrained_path`` is given).
         self.pretrained_path = str(path)
 

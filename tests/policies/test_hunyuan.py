@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sp_grpo.policies.base import PromptEmbeds, VideoPolicy
-from sp_grpo.policies.common import build_pipeline, pack_text, unpack_text
+from sp_grpo.policies.protocol import PromptEmbeds, VideoPolicy
+from sp_grpo.policies.diffusers_helpers import build_pipeline, pack_text, unpack_text
 from sp_grpo.policies.hunyuan import (
     TINY_CROP_START,
     TINY_PROMPT_TEMPLATE,
@@ -10,7 +10,7 @@ from sp_grpo.policies.hunyuan import (
     save_hunyuan_folder,
     tiny_hunyuan_components,
 )
-from sp_grpo.rollout import SamplerConfig, sample_ode
+from sp_grpo.rollout import DenoisingConfig, sample_ode
 
 TINY = {"prompt_template": TINY_PROMPT_TEMPLATE, "template_crop_start": TINY_CROP_START, "max_sequence_length": 16, "torch_dtype": "float32"}
 
@@ -109,7 +109,7 @@ def test_ode_sampling_matches_hunyuan_pipeline():
     components = tiny_hunyuan_components(0)
     policy = make_policy(components=components, lora_rank=None)
     pipe = make_pipeline(components)
-    config = SamplerConfig(num_steps=3, guidance_scale=2.0, num_frames=5, height=32, width=32)
+    config = DenoisingConfig(num_steps=3, guidance_scale=2.0, num_frames=5, height=32, width=32)
     ours = sample_ode(policy, ["a red square moving left"], config, generator=torch.Generator().manual_seed(0))
     noise = torch.randn((1, *policy.latent_shape(5, 32, 32)), generator=torch.Generator().manual_seed(0))
     theirs = pipe(
@@ -210,6 +210,24 @@ def test_loads_a_local_diffusers_folder(tmp_path):
     x, sigma = torch.randn(1, *built.latent_shape(5, 32, 32)), torch.tensor([0.6])
     with torch.no_grad():
         torch.testing.assert_close(loaded.velocity(x, sigma, embeds, 2.0), built.velocity(x, sigma, embeds, 2.0))
+
+
+def test_a_folder_without_a_scheduler_needs_the_shift_set(tmp_path):
+    import shutil
+
+    save_hunyuan_folder(tiny_hunyuan_components(0, shift=5.0), tmp_path / "hunyuan")
+    shutil.rmtree(tmp_path / "hunyuan" / "scheduler")
+    # No silent fallback to a guessed shift: the error names the setting.
+    with pytest.raises(ValueError, match=r"no scheduler/ folder.*`model.policy.init_args.shift`"):
+        HunyuanVideoPolicy(str(tmp_path / "hunyuan"), lora_rank=4, **TINY)
+    loaded = HunyuanVideoPolicy(str(tmp_path / "hunyuan"), lora_rank=4, shift=7.0, **TINY)
+    assert loaded.scheduler.config.shift == pytest.approx(7.0)
+
+
+def test_shift_overrides_the_folders_scheduler(tmp_path):
+    save_hunyuan_folder(tiny_hunyuan_components(0), tmp_path / "hunyuan")
+    loaded = HunyuanVideoPolicy(str(tmp_path / "hunyuan"), lora_rank=4, shift=3.0, **TINY)
+    assert loaded.scheduler.config.shift == pytest.approx(3.0)
 
 
 def test_bad_paths_have_clear_errors(tmp_path):

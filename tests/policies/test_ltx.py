@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from sp_grpo.policies.base import VideoPolicy
-from sp_grpo.policies.common import build_pipeline, unpack_text
+from sp_grpo.policies.protocol import VideoPolicy
+from sp_grpo.policies.diffusers_helpers import build_pipeline, unpack_text
 from sp_grpo.policies.ltx import (
     LTXVideoPolicy,
     pack_latents,
@@ -13,7 +13,7 @@ from sp_grpo.policies.ltx import (
     tiny_ltx_components,
     unpack_latents,
 )
-from sp_grpo.rollout import SamplerConfig, sample_ode
+from sp_grpo.rollout import DenoisingConfig, sample_ode
 
 TINY = {"max_sequence_length": 16, "torch_dtype": "float32"}
 
@@ -108,7 +108,7 @@ def test_ode_sampling_matches_ltx_pipeline():
     components = tiny_ltx_components(0)
     policy = make_policy(components=components, lora_rank=None)
     pipe = make_pipeline(components)
-    config = SamplerConfig(num_steps=3, guidance_scale=3.0, num_frames=9, height=32, width=32)
+    config = DenoisingConfig(num_steps=3, guidance_scale=3.0, num_frames=9, height=32, width=32)
     ours = sample_ode(policy, ["a red square moving left"], config, generator=torch.Generator().manual_seed(0))
     noise = torch.randn((1, *policy.latent_shape(9, 32, 32)), generator=torch.Generator().manual_seed(0))
     theirs = pipe(
@@ -133,8 +133,17 @@ def test_sigmas_use_the_sequence_length_shift():
     torch.testing.assert_close(policy.sigmas(3, latent_shape=shape), expected)
     with pytest.raises(RuntimeError, match="needs the latent shape"):
         policy.sigmas(3)
-    policy.latent_shape(9, 32, 32)
-    torch.testing.assert_close(policy.sigmas(3), expected)
+
+
+def test_sigmas_depend_only_on_their_arguments():
+    policy = make_policy(lora_rank=None)
+    shape = policy.latent_shape(9, 32, 32)
+    before = policy.sigmas(3, latent_shape=shape)
+    policy.latent_shape(17, 64, 64)  # another size asked for in between changes nothing
+    assert torch.equal(policy.sigmas(3, latent_shape=shape), before)
+    # Without the shape there is no schedule: not one left over from the last latent_shape call.
+    with pytest.raises(RuntimeError, match="needs the latent shape"):
+        policy.sigmas(3)
 
 
 def test_lora_trains_only_adapters_and_reference_disables_them():
@@ -182,6 +191,37 @@ def test_decode_denormalises_and_chunks(policy):
     chunked = policy.decode(latents)
     policy.decode_chunk_size = None
     torch.testing.assert_close(chunked, videos, atol=1e-5, rtol=1e-5)
+
+
+def timestep_conditioned_policy(**kwargs):
+    """The tiny LTX-Video with a timestep-conditioned VAE (LTX-Video 0.9.1+), which mixes noise in when decoding."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    components = tiny_ltx_components(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        components.vae = AutoencoderKLLTXVideo(**{**components.vae.config, "timestep_conditioning": True})
+    return make_policy(components=components, lora_rank=None, decode_timestep=0.05, **kwargs)
+
+
+def test_decode_noise_comes_from_the_generator_not_the_global_rng():
+    policy = timestep_conditioned_policy(decode_noise_scale=0.5)
+    latents = torch.randn(2, *policy.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    first = policy.decode(latents, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(2)
+    second = policy.decode(latents, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, second)
+    assert not torch.equal(first, policy.decode(latents, generator=torch.Generator().manual_seed(8)))
+    with pytest.raises(ValueError, match="pass `generator`"):
+        policy.decode(latents)
+    # Sampling from a seed gives the same videos whatever the global RNG's state.
+    config = DenoisingConfig(num_steps=2, guidance_scale=1.0, num_frames=9, height=32, width=32)
+    videos = []
+    for global_seed in (3, 4):
+        torch.manual_seed(global_seed)
+        videos.append(sample_ode(policy, ["a red square"], config, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(*videos)
 
 
 @pytest.mark.parametrize("frames, height, width, match", [(8, 32, 32, "num_frames"), (9, 18, 32, "height"), (9, 32, 2, "width")])

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from sp_grpo.policies import PromptEmbeds, TinyWanPolicy, VideoPolicy, WanPolicy, save_wan_folder, tiny_wan_components
+from sp_grpo.toy.pixel_vae import PixelSpaceVAE
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +203,9 @@ def test_prompt_embeds_helpers():
     assert rep.index(torch.tensor([3])).cond[0, 0, 0] == 3.0
 
 
-def test_pixel_space_without_vae(tmp_path):
+def test_pixel_space_with_the_identity_vae(tmp_path):
     components = tiny_wan_components(0, latent_channels=3)
-    components.vae = None
+    components.vae = PixelSpaceVAE()
     policy = WanPolicy(components=components, lora_rank=4, max_sequence_length=16)
     assert policy.latent_shape(4, 16, 16) == (3, 4, 16, 16)
     latents = torch.rand(2, 3, 4, 16, 16) * 2 - 1
@@ -212,4 +213,6 @@ def test_pixel_space_without_vae(tmp_path):
     torch.testing.assert_close(video, ((latents + 1) / 2).permute(0, 2, 1, 3, 4))
     save_wan_folder(components, tmp_path / "pixels")
     loaded = WanPolicy(str(tmp_path / "pixels"), lora_rank=4, max_sequence_length=16)
-    assert loaded.vae is None and loaded.latent_shape(4, 16, 16) == (3, 4, 16, 16)
+    assert not (tmp_path / "pixels" / "vae").exists()  # diffusers knows it as no VAE
+    assert isinstance(loaded.vae, PixelSpaceVAE) and loaded.latent_shape(4, 16, 16) == (3, 4, 16, 16)
+    assert policy.state_dict().keys() == WanPolicy(components=tiny_wan_components(0, latent_channels=3), lora_rank=4).state_dict().keys()
