@@ -17,6 +17,9 @@ line saying which it does: the file and the step, or that it starts at step 0.
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,24 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from sp_grpo.checkpoint import CheckpointError, inspect_checkpoint
+
+
+# Two Lightning warnings that every `sp-grpo fit` run would print and that only confuse: the frozen VAE
+# and text encoder are kept in eval mode on purpose, and with manual optimization a checkpoint holds the
+# weights after the iteration's updates, which is what resuming needs. Ignored while the command runs.
+EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",
+    r".*ModelCheckpoint with manual optimization.*",
+)
+
+
+@contextmanager
+def expected_warnings_ignored() -> Iterator[None]:
+    """Ignore :data:`EXPECTED_WARNINGS` inside the block; the warning filters are restored afterwards."""
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def last_checkpoints(trainer: pl.Trainer) -> list[Path]:
@@ -126,21 +147,24 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args: Command-line arguments without the program name; ``None`` reads ``sys.argv``.
         run: Run the subcommand (``fit``, ``validate``); ``False`` only parses and instantiates.
 
+    Two expected Lightning warnings are ignored while it runs (:data:`EXPECTED_WARNINGS`).
+
     Raises:
         CheckpointError: If ``--ckpt_path`` names a missing, unreadable or foreign checkpoint.
     """
     from sp_grpo.data.prompts import PromptDataModule
     from sp_grpo.module import SelfPacedGRPO
 
-    return SelfPacedCLI(
-        SelfPacedGRPO,
-        PromptDataModule,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    with expected_warnings_ignored():
+        return SelfPacedCLI(
+            SelfPacedGRPO,
+            PromptDataModule,
+            args=args,
+            run=run,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,10 +122,11 @@ def test_fsdp_refuses_weight_averaging():
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     from sp_grpo import SelfPacedGRPO
+    from sp_grpo.fsdp import shard_policy
     from sp_grpo.policies import TinyWanPolicy
     from sp_grpo.rewards import RewardSet, Sharpness
 
     module = SelfPacedGRPO(TinyWanPolicy(seed=0), RewardSet({"sharp": Sharpness()}), group_size=2)
     module.trainer = L.Trainer(callbacks=[EMAWeightAveraging()], logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="WeightAveraging.*strategy: ddp"):
-        module._shard_for_fsdp(module.trainer.strategy)
+        shard_policy(module, module.trainer.strategy)

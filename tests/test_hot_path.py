@@ -129,7 +129,7 @@ def test_rollout_keeps_its_buffers_without_copies():
     policy = TinyWanPolicy()
     decoded = []
     decode = policy.decode
-    policy.decode = lambda latents: decoded.append((latents, decode(latents))) or decoded[-1][1]
+    policy.decode = lambda latents, **kwargs: decoded.append((latents, decode(latents, **kwargs))) or decoded[-1][1]
     rollout = sample_rollout(policy, PROMPTS, 2, _sampler(3), generator=torch.Generator().manual_seed(0))
     latents_in, videos_out = decoded[0]
     assert latents_in.untyped_storage().data_ptr() == rollout.latents.untyped_storage().data_ptr()
@@ -253,7 +253,7 @@ def test_micro_batch_setting_errors(overrides, match):
 def test_cfg_batching_setting():
     assert cfg_batched_on(torch.device("cpu"), True) and not cfg_batched_on(torch.device("cuda", 0), False)
     assert cfg_batched_on(torch.device("cuda", 0), "auto")
-    with pytest.raises(ValueError, match=r"`cfg_batched` \('yes'\) must be true, false or 'auto'"):
+    with pytest.raises(ValueError, match=r"cfg_batched` \('yes'\) must be true, false or 'auto'"):
         TinyWanPolicy(cfg_batched="yes")
 
 

@@ -118,6 +118,19 @@ def test_kl_to_reference_grows_as_lora_moves():
     assert module.pair_loss(rollout, advantages, pairs)["kl_ref"] > 0
 
 
+def test_compute_advantages_in_one_process_are_the_clipped_group_advantages():
+    from sp_grpo.functional import aggregate_advantages, clip_advantages
+
+    module = make_module(advantage_clip=0.5, reward_weights={"fidelity": 0.5, "temporal": 0.3, "semantic": 0.2})
+    generator = torch.Generator().manual_seed(0)
+    rewards = {aspect: torch.rand(8, generator=generator) for aspect in ("fidelity", "temporal", "semantic")}
+    weights = module.aspect_weights(rewards)
+    assert weights == {"fidelity": 0.5, "temporal": 0.3, "semantic": 0.2}
+    expected = clip_advantages(aggregate_advantages(rewards, weights, 4), 0.5)
+    assert expected.abs().max() == 0.5  # the clip is used
+    torch.testing.assert_close(module.compute_advantages(rewards, weights), expected, rtol=0, atol=0)
+
+
 def test_bad_batch_has_a_clear_error():
     module = make_module()
     with pytest.raises(ValueError, match="dict with `prompts`"):
