@@ -19,12 +19,13 @@ from torch import Tensor
 from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, gather_step, graded_aspects
 from sp_grpo.callbacks.plot import plot_curriculum
 from sp_grpo.callbacks.static_weights import StaticWeights
-from sp_grpo.functional.competence import check_competence_settings, gain_zscore
+from sp_grpo.functional.competence import check_competence_settings, gain_zscore, persistent_competence
 from sp_grpo.functional.curriculum import (
     ASPECTS,
-    GATES,
     CompetenceState,
     GateName,
+    check_floor,
+    check_unlock_settings,
     competence,
     ratchet,
     reset_aspects,
@@ -44,7 +45,9 @@ class SelfPacedCurriculum(RewardWeightsCallback):
     After every training batch it gathers the per-aspect rewards and prompts of all ranks, updates
     each aspect's competence statistics (:func:`~sp_grpo.functional.competence.update_competence`)
     and reads a competence in [0, 1] per aspect (:func:`~sp_grpo.functional.competence.competence`):
-    the largest of
+    the largest of the three parts below, averaged over steps with weight ``persistence``
+    (:func:`~sp_grpo.functional.competence.persistent_competence`: a competence must hold for several
+    steps, one step moves it by at most ``1 - persistence``, and its curve can be read by eye):
 
     * **progress**: the groups' mean gain over their prompts' own first scores, in starting stds of
       one reward, counted only once it is ``significance`` standard errors above zero (errors from
@@ -79,7 +82,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
     override point (the statistics it reads are :class:`~sp_grpo.functional.competence.CompetenceState`).
 
     Pace (defaults, 4 prompts x 4 samples per batch, rewards with std 0.1): a mean reward that rises by
-    0.002 per step (2 % of its std) unlocks the next aspect after about 70 steps, warm-up included;
+    0.002 per step (2 % of its std) unlocks the next aspect after 70-90 steps, warm-up included;
     pure noise never does (tested over many seeds and 1000 steps, with prompt mixes that move the
     batch mean). Lower ``target_gain`` or ``significance`` for a faster curriculum, raise them for a
     safer one; ``warmup_steps`` and ``decay`` trade noise for delay.
@@ -91,6 +94,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         warmup_steps: Batches that calibrate each aspect's starting level and noise before competence can grow.
         target_gain: Gain of the mean reward, in starting stds of one reward, that counts as mastering an aspect.
         significance: Standard errors a gain (or a sparsity drop) must clear before it counts, e.g. 3.
+        persistence: Weight in [0, 1) of the previous competence in its average over steps; 0 uses each step's.
         targets: Aspect -> reward level that counts as good (an absolute level); ``None``: levels do not count.
         saturation: Relative drop of the groups' Hoyer sparsity, in (0, 1], that counts as saturated.
         stall_slope: Rise per step, in starting stds, below which a saturated aspect counts as stalled.
@@ -118,6 +122,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         warmup_steps: int = 20,
         target_gain: float = 1.0,
         significance: float = 3.0,
+        persistence: float = 0.9,
         targets: dict[str, float] | None = None,
         saturation: float = 0.5,
         stall_slope: float = 0.01,
@@ -140,18 +145,9 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         if warmup_steps < 1:
             raise ValueError(f"`warmup_steps` ({warmup_steps}) must be at least 1: the starting level needs a batch.")
         check_competence_settings(target_gain, significance, saturation, stall_slope)
-        if gate not in GATES:
-            raise ValueError(f"`gate` ({gate!r}) must be one of {sorted(GATES)}.")
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"`threshold` ({threshold}) must be in (0, 1): competence lives in [0, 1].")
-        if width <= 0:
-            raise ValueError(f"`width` ({width}) must be positive, e.g. 0.2.")
-        num = len(self._configured_aspects or ASPECTS)
-        if not 0.0 <= floor < 1.0 / num:
-            raise ValueError(
-                f"`floor` ({floor}) must be in [0, 1/{num}) for {num} aspects, so the current aspect keeps the largest "
-                f"weight; set it below {1.0 / num:.3f}."
-            )
+        persistent_competence(torch.zeros(1), torch.zeros(1), persistence)  # raises for a bad `persistence`
+        check_unlock_settings(gate, threshold, width)
+        check_floor(floor, len(self._configured_aspects or ASPECTS))
         if strictness_step is not None and not 0.0 < strictness_step <= 1.0:
             raise ValueError(f"`strictness_step` ({strictness_step}) must be in (0, 1], e.g. 0.5, or null to keep strictness fixed.")
         if not 0.0 <= strictness_start <= 1.0:
@@ -166,6 +162,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         self.warmup_steps = warmup_steps
         self.target_gain = target_gain
         self.significance = significance
+        self.persistence = persistence
         self.targets = dict(targets) if targets is not None else None
         self.saturation = saturation
         self.stall_slope = stall_slope
@@ -184,6 +181,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         self._progress: Tensor | None = None
         self._strictness: Tensor | None = None  # (K,), NaN for aspects without a graded reward
         self._passed: Tensor | None = None  # (K,) bool: competent at least once (then tightened)
+        self._competence: Tensor | None = None  # (K,) competence averaged over steps (persistence)
         self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
 
     @property
@@ -221,9 +219,9 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         return {a: float(w) for a, w in zip(self.aspects, weights)}
 
     def current_competence(self) -> dict[str, float]:
-        """Competence per aspect after the latest batch."""
+        """Competence per aspect after the latest batch, averaged over steps (``persistence``)."""
         self._ensure_state()
-        return {a: float(c) for a, c in zip(self.aspects, self.compute_competence(self._state))}
+        return {a: float(c) for a, c in zip(self.aspects, self._competence)}
 
     def current_strictness(self) -> dict[str, float]:
         """Strictness per graded aspect (empty unless ``strictness_step`` is set and fit has started)."""
@@ -252,6 +250,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
             self._state = CompetenceState.initial(len(self.aspects))
             self._progress = self._unlock(torch.zeros(len(self.aspects)))
             self._passed = torch.zeros(len(self.aspects), dtype=torch.bool)
+            self._competence = torch.zeros(len(self.aspects))
 
     # -- strictness ----------------------------------------------------------------------------------
 
@@ -277,6 +276,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
             self._passed = self._passed | raised
             # The stricter reward is a new reward: its gains start from a new reference.
             self._state = reset_aspects(self._state, raised)
+            self._competence = torch.where(raised, 0.0, self._competence)
 
     # -- Lightning hooks -----------------------------------------------------------------------------
 
@@ -289,8 +289,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
                     f"aspects: set `aspects` (from {list(ASPECTS)}) or fill `reward_weights` before fit."
                 )
             self.aspects = check_aspects(list(pl_module.reward_weights), "pl_module.reward_weights")
-            if not 0.0 <= self.floor < 1.0 / len(self.aspects):
-                raise ValueError(f"`floor` ({self.floor}) must be below 1/{len(self.aspects)} for aspects {self.aspects}.")
+            check_floor(self.floor, len(self.aspects))
         if self.targets is not None:
             extra = sorted(set(self.targets) - set(self.aspects))
             if extra:
@@ -312,7 +311,8 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         self._state = update_competence(
             self._state, rewards, group_size, prompts, self.decay, self.warmup_steps, self.max_prompts
         )
-        competence_now = self.compute_competence(self._state)
+        competence_now = persistent_competence(self._competence, self.compute_competence(self._state), self.persistence)
+        self._competence = competence_now
         gain_z = gain_zscore(self._state, self.decay)
         level = self._state.ref_mean + self._state.gain
         # An aspect that was competent once (and then tightened) keeps the next one unlocked.
@@ -370,6 +370,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
             "competence": self._state.to_dict(),
             "progress": self._progress.tolist(),
             "passed": self._passed.tolist(),
+            "competence_average": self._competence.tolist(),
             "strictness": self._strictness.tolist() if self._strictness is not None else None,
             "history": [dict(record) for record in self._history],
         }
@@ -392,6 +393,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         self._state = CompetenceState.from_dict(state_dict["competence"])
         self._progress = torch.tensor(state_dict["progress"], dtype=torch.float32)
         self._passed = torch.tensor(state_dict["passed"], dtype=torch.bool)
+        self._competence = torch.tensor(state_dict.get("competence_average", [0.0] * len(saved)), dtype=torch.float32)
         strictness = state_dict.get("strictness")
         self._strictness = torch.tensor(strictness, dtype=torch.float32) if strictness is not None else None
         self._history = deque((dict(record) for record in state_dict["history"]), maxlen=self.history_size)

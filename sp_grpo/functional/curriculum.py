@@ -25,8 +25,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from sp_grpo.functional.aspects import ASPECTS
-from sp_grpo.functional.competence import CompetenceState, competence, reset_aspects, update_competence
+from sp_grpo.functional.aspects import ASPECTS  # noqa: F401  (re-exported: the aspects in curriculum order)
+from sp_grpo.functional.competence import CompetenceState, competence, reset_aspects, update_competence  # noqa: F401
 
 GateName = Literal["sigmoid", "smoothstep"]
 
@@ -183,6 +183,33 @@ GATES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
 }
 
 
+def check_unlock_settings(gate: str, threshold: float, width: float) -> None:
+    """Check the settings of :func:`unlock_progress` (callbacks call it at construction).
+
+    Raises:
+        ValueError: If ``gate`` is unknown or ``threshold``/``width`` are out of range.
+    """
+    if gate not in GATES:
+        raise ValueError(f"`gate` ({gate!r}) must be one of {sorted(GATES)}.")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"`threshold` ({threshold}) must be in (0, 1): competence lives in [0, 1].")
+    if width <= 0:
+        raise ValueError(f"`width` ({width}) must be positive: it is the competence range over which a gate opens.")
+
+
+def check_floor(floor: float, num_aspects: int) -> None:
+    """Check the ``floor`` of :func:`stage_weights` for ``num_aspects`` aspects.
+
+    Raises:
+        ValueError: If ``floor`` is outside ``[0, 1/K)``.
+    """
+    if not 0.0 <= floor < 1.0 / num_aspects:
+        raise ValueError(
+            f"`floor` ({floor}) must be in [0, 1/{num_aspects}) for {num_aspects} aspects: the current aspect must "
+            f"keep more weight than each earlier one; set `floor` below {1.0 / num_aspects:.3f}."
+        )
+
+
 def unlock_progress(
     competence: Tensor,
     gate: GateName = "sigmoid",
@@ -207,12 +234,7 @@ def unlock_progress(
     Raises:
         ValueError: If ``gate`` is unknown or ``threshold``/``width`` are out of range.
     """
-    if gate not in GATES:
-        raise ValueError(f"`gate` ({gate!r}) must be one of {sorted(GATES)}.")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"`threshold` ({threshold}) must be in (0, 1): competence lives in [0, 1].")
-    if width <= 0:
-        raise ValueError(f"`width` ({width}) must be positive: it is the competence range over which a gate opens.")
+    check_unlock_settings(gate, threshold, width)
     opened = GATES[gate](competence, threshold, width)[:-1]
     return torch.cat([opened.new_ones(1), torch.cumprod(opened, dim=0)])
 
@@ -240,12 +262,7 @@ def stage_weights(progress: Tensor, floor: float = 0.15) -> Tensor:
     Raises:
         ValueError: If ``floor`` is out of range.
     """
-    num = progress.shape[0]
-    if not 0.0 <= floor < 1.0 / num:
-        raise ValueError(
-            f"`floor` ({floor}) must be in [0, 1/{num}) for {num} aspects: the current aspect must keep more "
-            f"weight than each earlier one; set `floor` below {1.0 / num:.3f}."
-        )
+    check_floor(floor, progress.shape[0])
     progress = progress.float()
     passed = torch.cat([progress[1:], progress.new_zeros(1)])  # U_{k+1}
     focus = progress - passed

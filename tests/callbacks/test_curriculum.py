@@ -118,10 +118,14 @@ def test_callback_matches_the_functional_maths(tmp_path):
     _trainer(tmp_path, 40, [curriculum, capture]).fit(module)
     state = CompetenceState.initial(3)
     progress = unlock_progress(torch.zeros(3), threshold=0.7)
+    average = torch.zeros(3)
     for out, record in zip(capture.outputs, curriculum.history):
         rewards = torch.stack([out["aspect_rewards"][a] for a in ASPECTS])
         state = update_competence(state, rewards, 4, out["prompts"], decay=0.8, warmup_steps=5)
-        progress = ratchet(progress, unlock_progress(competence(state, warmup_steps=5, decay=0.8), threshold=0.7))
+        # The default persistence 0.9 averages competence over steps before it unlocks anything.
+        average = 0.9 * average + 0.1 * competence(state, warmup_steps=5, decay=0.8)
+        progress = ratchet(progress, unlock_progress(average, threshold=0.7))
+        assert list(record["competence"].values()) == pytest.approx(average.tolist(), abs=1e-6)
         assert list(record["weights"].values()) == pytest.approx(stage_weights(progress).tolist(), abs=1e-6)
 
 
@@ -221,6 +225,7 @@ def test_static_weights_errors(weights, match):
         ({"floor": 0.34}, r"`floor` \(0.34\) must be in \[0, 1/3\) for 3 aspects"),
         ({"zero_spread_eps": -1.0}, r"`zero_spread_eps` \(-1.0\) must be non-negative"),
         ({"history_size": 0}, r"`history_size` \(0\) must be at least 1"),
+        ({"persistence": 1.0}, r"`persistence` \(1.0\) must be in \[0, 1\)"),
     ],
 )
 def test_curriculum_setting_errors(kwargs, match):
@@ -282,7 +287,8 @@ def test_two_processes_use_identical_weights(tmp_path, monkeypatch):
     # whatever import mode pytest uses.
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     toy = importlib.import_module("curriculum_toy")
-    curriculum, difficulty = SelfPacedCurriculum(**FAST), PromptDifficulty()
+    # persistence 0: the functional replay below reads competence as each step computes it.
+    curriculum, difficulty = SelfPacedCurriculum(**FAST, persistence=0.0), PromptDifficulty()
     module = toy.ToyRewardModule(rate=0.01)  # each rank draws different rewards (seeded by rank)
     trainer = _trainer(
         tmp_path,
