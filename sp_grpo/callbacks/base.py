@@ -25,6 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from sp_grpo.distributed import all_gather_uneven
 from sp_grpo.functional.aspects import ASPECTS
 from sp_grpo.functional.curriculum import zero_spread_groups
 
@@ -110,12 +111,8 @@ def gather_step(trainer: pl.Trainer, rewards: Tensor, prompts: list[str] | None)
     """Rewards ``(K, N_total)`` and prompts of all ranks, in rank order; identical on every rank."""
     if trainer.world_size <= 1:
         return rewards, prompts
-    # Ranks may hold different numbers of samples (uneven last batch): pad to the largest, then cut.
-    sizes = trainer.strategy.all_gather(torch.tensor([rewards.shape[1]], device=rewards.device)).reshape(-1)
-    longest = int(sizes.max())
-    padded = torch.nn.functional.pad(rewards, (0, longest - rewards.shape[1]))
-    gathered = trainer.strategy.all_gather(padded)  # (W, K, longest)
-    rewards = torch.cat([gathered[r, :, : int(n)] for r, n in enumerate(sizes.tolist())], dim=1)
+    # Ranks may hold different numbers of samples (uneven last batch): the module gathers the same way.
+    rewards = torch.cat(all_gather_uneven(trainer.strategy, rewards), dim=1)
     if prompts is not None and dist.is_available() and dist.is_initialized():
         every: list[list[str] | None] = [None] * trainer.world_size
         dist.all_gather_object(every, prompts)

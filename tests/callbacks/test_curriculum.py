@@ -325,6 +325,8 @@ def test_gather_handles_ranks_with_different_batch_sizes():
     local, other = torch.arange(8.0).reshape(2, 4), 10 + torch.arange(4.0).reshape(2, 2)
 
     class TwoRankStrategy:
+        world_size = 2
+
         def all_gather(self, tensor):
             if tensor.dim() == 1:  # the sizes
                 return torch.stack([tensor, torch.tensor([other.shape[1]])])
