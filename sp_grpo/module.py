@@ -28,7 +28,7 @@ from sp_grpo.functional.sde import check_sigma_schedule
 from sp_grpo.micro_batch import MicroBatchSizer, check_micro_batch_settings
 from sp_grpo.policies import VideoPolicy
 from sp_grpo.rewards.mixture import RewardOutput, RewardSet
-from sp_grpo.rollout import Rollout, SamplerConfig, sample_ode, sample_rollout
+from sp_grpo.rollout import DenoisingConfig, Rollout, ValDenoisingConfig, sample_ode, sample_rollout
 
 #: Where a checkpoint keeps :attr:`SelfPacedGRPO.iteration`.
 ITERATION_KEY = "sp_grpo_iteration"
@@ -86,7 +86,7 @@ class SelfPacedGRPO(L.LightningModule):
         rewards: RewardSet,
         *,
         group_size: int = 4,
-        sampler: SamplerConfig = SamplerConfig(),  # noqa: B008 - frozen dataclass, safe to share
+        sampler: DenoisingConfig = DenoisingConfig(),  # noqa: B008 - frozen dataclass, safe to share
         num_inner_epochs: int = 1,
         num_minibatches: int = 1,
         micro_batch_size: int | Literal["auto"] = "auto",
@@ -102,7 +102,7 @@ class SelfPacedGRPO(L.LightningModule):
         lr_warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         reward_weights: dict[str, float] | None = None,
-        val_sampler: SamplerConfig | None = None,
+        val_sampler: ValDenoisingConfig | None = None,
         rollout_inference_mode: bool = True,
         seed: int = 0,
     ) -> None:

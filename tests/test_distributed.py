@@ -92,6 +92,7 @@ trainer:
   strategy: ddp
   devices: 2
   max_steps: 2
+  log_every_n_steps: 1  # the curriculum plots its logged rows
   val_check_interval: 1
   limit_val_batches: 1
   num_sanity_val_steps: 0
