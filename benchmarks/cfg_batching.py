@@ -1,6 +1,6 @@
 """Classifier-free guidance as one batched pass of 2B rows, or as two passes of B rows: which is faster here.
 
-The measurement behind ``cfg_batched: auto`` (sp_grpo.policies.base.cfg_batched_on). Two tiny Wans
+The measurement behind ``cfg_batched: auto`` (sp_grpo.policies.guidance.cfg_batched_on). Two tiny Wans
 with random weights (built offline): the one of ``configs/tiny.yaml`` and the wider one of
 ``benchmarks/iteration_overhead.py``. For each, the two arms run interleaved in one process, each
 repeat timing both back to back:

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from ablation_report import report
 
 ROOT = Path(__file__).parents[1]
@@ -177,8 +176,15 @@ def run_arm(
     from sp_grpo.data.prompts import PromptDataModule
     from sp_grpo.module import SelfPacedGRPO
     from sp_grpo.rewards.mixture import RewardSet
-    from sp_grpo.rollout import SamplerConfig
-    from sp_grpo.toy import WEAK_CHECKPOINT_DIR, GoldEvaluation, ShapesFidelity, ShapesSemantic, ShapesTemporal, ShapesWanPolicy
+    from sp_grpo.rollout import DenoisingConfig
+    from sp_grpo.toy import (
+        WEAK_CHECKPOINT_DIR,
+        GoldEvaluation,
+        ShapesFidelity,
+        ShapesSemantic,
+        ShapesTemporal,
+        ShapesWanPolicy,
+    )
     from sp_grpo.toy.world import prompts_for_split
 
     if start not in ("shipped", "weak"):
@@ -196,7 +202,7 @@ def run_arm(
     rewards = RewardSet({"fidelity": ShapesFidelity(), "temporal": ShapesTemporal(), "semantic": semantic})
     pl.seed_everything(seed, verbose=False)
     module = SelfPacedGRPO(
-        policy, rewards, sampler=SamplerConfig(**config["model"]["sampler"]), **{**model_args, **module_settings, "seed": seed}
+        policy, rewards, sampler=DenoisingConfig(**config["model"]["sampler"]), **{**model_args, **module_settings, "seed": seed}
     )
     data = PromptDataModule(prompts=config["data"]["prompts"], batch_size=config["data"]["batch_size"], seed=seed)
     gold = GoldEvaluation(seeds=gold_seeds, every_n_steps=gold_every, filename=None, verbose=False)

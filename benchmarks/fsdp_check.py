@@ -29,7 +29,7 @@ def main() -> None:
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from sp_grpo import PromptDataModule, SamplerConfig, SelfPacedGRPO
+    from sp_grpo import DenoisingConfig, PromptDataModule, SelfPacedGRPO
     from sp_grpo.callbacks import SelfPacedCurriculum
     from sp_grpo.policies import TinyWanPolicy
     from sp_grpo.rewards import RewardSet, Sharpness, TemporalFlickering
@@ -46,7 +46,7 @@ def main() -> None:
         policy,
         RewardSet({"sharp": Sharpness(), "flicker": TemporalFlickering()}),
         group_size=4,
-        sampler=SamplerConfig(num_steps=4, num_frames=5, height=32, width=32, guidance_scale=2.0),
+        sampler=DenoisingConfig(num_steps=4, num_frames=5, height=32, width=32, guidance_scale=2.0),
         learning_rate=1e-3,
         max_grad_norm=1.0,
         kl_coef=0.01,

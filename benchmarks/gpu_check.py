@@ -37,7 +37,7 @@ def main() -> None:
     from sp_grpo.module import SelfPacedGRPO
     from sp_grpo.policies import WanComponents, WanPolicy, build_tokenizer
     from sp_grpo.rewards import RewardSet, Sharpness, TemporalFlickering
-    from sp_grpo.rollout import SamplerConfig, sample_rollout
+    from sp_grpo.rollout import DenoisingConfig, sample_rollout
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def main() -> None:
     print(f"built in {time.perf_counter() - start:.1f}s; transformer {sum(p.numel() for p in transformer.parameters()) / 1e9:.2f}B params,"
           f" LoRA {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.1f}M trainable")
 
-    config = SamplerConfig(num_steps=args.steps, guidance_scale=5.0, num_frames=args.frames, height=args.height, width=args.width)
+    config = DenoisingConfig(num_steps=args.steps, guidance_scale=5.0, num_frames=args.frames, height=args.height, width=args.width)
     print(f"latent shape per sample {policy.latent_shape(args.frames, args.height, args.width)}")
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()

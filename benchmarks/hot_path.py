@@ -40,7 +40,7 @@ SHAPES_PROMPTS = ["a red square moving up", "a green ring moving left", "a blue 
 # --- the models, as the shipped configs build them -------------------------------------------------
 def build(model: str, kl_coef: float, micro_batch_size):
     from sp_grpo.module import SelfPacedGRPO
-    from sp_grpo.rollout import SamplerConfig
+    from sp_grpo.rollout import DenoisingConfig
 
     if model == "tiny":
         from sp_grpo import rewards as r
@@ -54,7 +54,7 @@ def build(model: str, kl_coef: float, micro_batch_size):
                 "colour": r.ColorPromptAlignment(),
             }
         )
-        sampler = SamplerConfig(num_steps=6, guidance_scale=3.0, noise_level=0.7, num_frames=5, height=32, width=32)
+        sampler = DenoisingConfig(num_steps=6, guidance_scale=3.0, noise_level=0.7, num_frames=5, height=32, width=32)
         settings = dict(group_size=4, clip_range=0.001, learning_rate=0.001)
         prompts = TINY_PROMPTS
     else:
@@ -63,7 +63,7 @@ def build(model: str, kl_coef: float, micro_batch_size):
 
         policy = ShapesWanPolicy(lora_rank=None, reference_copy=True)
         rewards = RewardSet({"fidelity": ShapesFidelity(), "temporal": ShapesTemporal(), "semantic": ShapesSemantic()})
-        sampler = SamplerConfig(num_steps=8, guidance_scale=1.0, noise_level=0.7, num_frames=4, height=16, width=16)
+        sampler = DenoisingConfig(num_steps=8, guidance_scale=1.0, noise_level=0.7, num_frames=4, height=16, width=16)
         settings = dict(group_size=8, clip_range=0.01, learning_rate=1e-4)
         prompts = SHAPES_PROMPTS
     module = SelfPacedGRPO(policy, rewards, sampler=sampler, kl_coef=kl_coef, micro_batch_size=micro_batch_size, **settings)
@@ -101,7 +101,7 @@ def _before_sde_step(model_output, sample, sigma, sigma_next, **kwargs):
 
 
 def _before_sample_rollout(policy, prompts, group_size, config, *, generator, iteration=0, device="cpu", latent_dtype=torch.float32, inference_mode=True):
-    from sp_grpo.policies.base import PromptEmbeds
+    from sp_grpo.policies import PromptEmbeds
     from sp_grpo.rollout import Rollout, select_steps
 
     device = torch.device(device)

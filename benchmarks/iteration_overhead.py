@@ -65,14 +65,14 @@ def build(args, train_steps: str = "all", window_size: int = 2) -> Setup:
     from sp_grpo.policies.tiny import tiny_wan_components
     from sp_grpo.policies.wan import WanPolicy
     from sp_grpo.rewards import ColorPromptAlignment, RewardSet, Sharpness, TemporalFlickering
-    from sp_grpo.rollout import SamplerConfig
+    from sp_grpo.rollout import DenoisingConfig
 
     components = tiny_wan_components(
         0, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim, ffn_dim=4 * args.heads * args.head_dim
     )
     policy = WanPolicy(components=components, lora_rank=8, max_sequence_length=16)
     rewards = RewardSet({"sharpness": Sharpness(saturation=0.01), "flicker": TemporalFlickering(), "colour": ColorPromptAlignment()})
-    sampler = SamplerConfig(
+    sampler = DenoisingConfig(
         num_steps=args.steps, guidance_scale=4.5, num_frames=args.frames, height=args.size, width=args.size,
         train_steps=train_steps, window_size=window_size, window_placement="random",
     )

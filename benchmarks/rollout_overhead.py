@@ -35,7 +35,7 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from sp_grpo.policies import WanPolicy, tiny_wan_components
-    from sp_grpo.rollout import SamplerConfig, sample_rollout
+    from sp_grpo.rollout import DenoisingConfig, sample_rollout
 
     diffusers_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
@@ -47,7 +47,7 @@ def main() -> None:
     pipe = components.pipeline().to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red square moving left", "a blue circle moving right", "a green ball moving up", "a yellow box"][: args.prompts]
-    config = SamplerConfig(num_steps=args.steps, guidance_scale=4.5, num_frames=args.frames, height=args.size, width=args.size)
+    config = DenoisingConfig(num_steps=args.steps, guidance_scale=4.5, num_frames=args.frames, height=args.size, width=args.size)
 
     def ours(batched: bool) -> None:
         policy.cfg_batched = batched

@@ -22,7 +22,6 @@ import argparse
 import statistics
 
 import torch
-
 from iteration_overhead import add_model_args, build, isolated_costs, timed_iteration
 
 

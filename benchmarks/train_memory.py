@@ -42,18 +42,18 @@ def run_arm(name: str, args) -> dict:
     import torch
 
     from sp_grpo.module import SelfPacedGRPO
-    from sp_grpo.policies.base import VideoPolicy  # noqa: F401  (import cost before the baseline)
+    from sp_grpo.policies import VideoPolicy  # noqa: F401  (import cost before the baseline)
     from sp_grpo.policies.tiny import tiny_wan_components
     from sp_grpo.policies.wan import WanPolicy
     from sp_grpo.rewards import RewardSet, TemporalFlickering
-    from sp_grpo.rollout import Rollout, SamplerConfig
+    from sp_grpo.rollout import DenoisingConfig, Rollout
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     width = args.heads * args.head_dim
     components = tiny_wan_components(0, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim, ffn_dim=4 * width)
     policy = WanPolicy(components=components, max_sequence_length=16, **ARMS[name])
-    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=4.5, num_frames=args.frames, height=args.size, width=args.size)
+    sampler = DenoisingConfig(num_steps=args.steps, guidance_scale=4.5, num_frames=args.frames, height=args.size, width=args.size)
     module = SelfPacedGRPO(policy, RewardSet({"flicker": TemporalFlickering()}), group_size=args.group_size, sampler=sampler, micro_batch_size=args.micro_batch)
     policy.train()
     n = args.group_size

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
 # What Lightning puts beside the shards of a sharded (FSDP, DeepSpeed-like) checkpoint folder.
 _SHARDED_METADATA = "meta.pt"
 

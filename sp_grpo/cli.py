@@ -30,7 +30,6 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from sp_grpo.checkpoint import CheckpointError, inspect_checkpoint
 
-
 # Two Lightning warnings that every `sp-grpo fit` run would print and that only confuse: the frozen VAE
 # and text encoder are kept in eval mode on purpose, and with manual optimization a checkpoint holds the
 # weights after the iteration's updates, which is what resuming needs. Ignored while the command runs.

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sp_grpo.checkpoint import CheckpointError
+from sp_grpo.module import ITERATION_KEY
 from sp_grpo.rollout import DenoisingConfig
 
 WeightsChoice = Literal["auto", "ema", "current"]
@@ -51,7 +52,8 @@ class TrainedPolicy:
         weights: ``"ema"`` (the checkpoint's averaged weights), ``"current"`` (the live weights) or
             ``"base"`` (no checkpoint).
         global_step: Optimizer steps the checkpoint was trained for (0 for the base model).
-        iterations: GRPO iterations: ``global_step`` divided by the optimizer steps per iteration.
+        iterations: GRPO iterations the module counted (``global_step`` divided by the optimizer steps per
+            iteration for checkpoints that predate the count).
     """
 
     policy: nn.Module
@@ -261,13 +263,16 @@ def load_trained_policy(
     if checkpoint is None and weights == "ema":
         raise RunInputError("`--weights ema` needs a checkpoint: pass `--ckpt`, or leave `--weights` at auto for the base model.")
     policy = build_policy(config)
-    global_step, used = 0, "base"
+    per_iteration = max(int(config.model.num_inner_epochs) * int(config.model.num_minibatches), 1)
+    global_step, iterations, used = 0, 0, "base"
     if checkpoint is not None:
         state, used = policy_weights(checkpoint, weights, checkpoint_path)
         check_fits(state, policy, checkpoint_path, config_path)
         policy.load_state_dict(state, strict=True)
         global_step = int(checkpoint["global_step"])
-    per_iteration = int(config.model.num_inner_epochs) * int(config.model.num_minibatches)
+        # The module counts its iterations (a skipped minibatch takes no optimizer step); older
+        # checkpoints have no count.
+        iterations = int(checkpoint.get(ITERATION_KEY, global_step // per_iteration))
     return TrainedPolicy(
         policy=policy.eval(),
         sampler=run_sampler(config),
@@ -276,7 +281,7 @@ def load_trained_policy(
         checkpoint_path=None if checkpoint_path is None else Path(checkpoint_path),
         weights=used,
         global_step=global_step,
-        iterations=global_step // max(per_iteration, 1),
+        iterations=iterations,
     )
 
 

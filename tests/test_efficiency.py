@@ -7,9 +7,9 @@ from sp_grpo.functional.advantages import group_advantages
 from sp_grpo.module import SelfPacedGRPO
 from sp_grpo.policies import TinyWanPolicy
 from sp_grpo.rewards import RewardSet, Sharpness
-from sp_grpo.rollout import SamplerConfig, sample_rollout
+from sp_grpo.rollout import DenoisingConfig, sample_rollout
 
-SAMPLER = SamplerConfig(num_steps=4, num_frames=5, height=32, width=32, guidance_scale=3.0)
+SAMPLER = DenoisingConfig(num_steps=4, num_frames=5, height=32, width=32, guidance_scale=3.0)
 PROMPTS = ["a red square", "a blue circle"]
 
 
@@ -56,7 +56,7 @@ def test_vae_decodes_in_chunks():
 
 
 def _module(**sampler):
-    config = SamplerConfig(**{**SAMPLER.__dict__, **sampler})
+    config = DenoisingConfig(**{**SAMPLER.__dict__, **sampler})
     policy = TinyWanPolicy(cfg_batched=True)  # the counts below are of batched guidance passes
     return SelfPacedGRPO(policy, RewardSet({"sharp": Sharpness()}), group_size=4, sampler=config, micro_batch_size=3)
 

@@ -120,7 +120,12 @@ def _wan(tmp_path):
 def _hunyuan(tmp_path):
     from diffusers import HunyuanVideoPipeline
 
-    from sp_grpo.policies.hunyuan import TINY_CROP_START, TINY_PROMPT_TEMPLATE, save_hunyuan_folder, tiny_hunyuan_components
+    from sp_grpo.policies.hunyuan import (
+        TINY_CROP_START,
+        TINY_PROMPT_TEMPLATE,
+        save_hunyuan_folder,
+        tiny_hunyuan_components,
+    )
 
     base = save_hunyuan_folder(tiny_hunyuan_components(0), tmp_path / "base")
     policy = f"""    class_path: sp_grpo.policies.HunyuanVideoPolicy

@@ -16,9 +16,9 @@ from sp_grpo.functional.sde import check_sigma_schedule
 from sp_grpo.micro_batch import MicroBatchSizer
 from sp_grpo.module import SelfPacedGRPO
 from sp_grpo.policies import TinyWanPolicy
-from sp_grpo.policies.base import cfg_batched_on
+from sp_grpo.policies.guidance import cfg_batched_on
 from sp_grpo.rewards import RewardSet, Sharpness
-from sp_grpo.rollout import SamplerConfig, sample_rollout
+from sp_grpo.rollout import DenoisingConfig, sample_rollout
 
 PROMPTS = ["a red square", "a blue circle"]
 _aten = torch.ops.aten
@@ -54,7 +54,7 @@ class HostSyncs(TorchDispatchMode):
 
 
 def _sampler(steps, **overrides):
-    return SamplerConfig(num_steps=steps, num_frames=5, height=32, width=32, guidance_scale=3.0, **overrides)
+    return DenoisingConfig(num_steps=steps, num_frames=5, height=32, width=32, guidance_scale=3.0, **overrides)
 
 
 def _rollout_syncs(policy, steps, **overrides):

@@ -7,7 +7,7 @@ from sp_grpo.functional.advantages import group_advantages
 from sp_grpo.module import SelfPacedGRPO
 from sp_grpo.policies import TinyWanPolicy
 from sp_grpo.rewards import ColorPromptAlignment, RewardSet, Sharpness, TemporalFlickering
-from sp_grpo.rollout import SamplerConfig, sample_rollout
+from sp_grpo.rollout import DenoisingConfig, sample_rollout
 
 PROMPTS = ["a red square moving left", "a blue circle moving right", "a green ball moving up", "a yellow box"]
 
@@ -15,7 +15,7 @@ PROMPTS = ["a red square moving left", "a blue circle moving right", "a green ba
 def make_module(**overrides):
     kwargs = dict(
         group_size=4,
-        sampler=SamplerConfig(num_steps=4, num_frames=5, height=32, width=32, guidance_scale=2.0),
+        sampler=DenoisingConfig(num_steps=4, num_frames=5, height=32, width=32, guidance_scale=2.0),
         micro_batch_size=8,
         learning_rate=1e-2,
         clip_range=0.05,
@@ -171,7 +171,7 @@ def test_policy_must_be_a_video_policy():
 
 
 def test_validation_is_deterministic_ode_sampling_with_its_own_sampler():
-    val_sampler = SamplerConfig(num_steps=2, num_frames=5, height=32, width=32, guidance_scale=2.0)
+    val_sampler = DenoisingConfig(num_steps=2, num_frames=5, height=32, width=32, guidance_scale=2.0)
     module = make_module(val_sampler=val_sampler)
     data = PromptDataModule(prompts=PROMPTS, val_prompts=PROMPTS[:2], batch_size=2)
     calls = []

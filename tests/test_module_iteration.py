@@ -8,7 +8,7 @@ from sp_grpo.data import PromptDataModule
 from sp_grpo.module import ITERATION_KEY, SelfPacedGRPO
 from sp_grpo.policies import TinyWanPolicy
 from sp_grpo.rewards import RewardSet, Sharpness, VideoReward
-from sp_grpo.rollout import SamplerConfig
+from sp_grpo.rollout import DenoisingConfig
 
 PROMPTS = ["a red square", "a blue circle", "a green ball", "a yellow box"]
 
@@ -29,7 +29,7 @@ class NaNForFirstGroup(VideoReward):
 
 
 def _module(rewards: RewardSet, **overrides) -> SelfPacedGRPO:
-    sampler = SamplerConfig(num_steps=2, num_frames=5, height=16, width=16, guidance_scale=1.0)
+    sampler = DenoisingConfig(num_steps=2, num_frames=5, height=16, width=16, guidance_scale=1.0)
     kwargs = dict(group_size=2, sampler=sampler, micro_batch_size=8, **overrides)
     return SelfPacedGRPO(TinyWanPolicy(seed=0, lora_rank=2), rewards, **kwargs)
 

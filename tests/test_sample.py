@@ -17,7 +17,8 @@ from PIL import Image
 
 from sp_grpo.rollout import sample_ode
 from sp_grpo.sample import contact_sheet, read_prompts, sample_main, sample_videos
-from sp_grpo.trained import RunInputError, load_trained_policy
+from sp_grpo.module import ITERATION_KEY
+from sp_grpo.trained import RunInputError, load_run_config, load_trained_policy
 from tests.test_export import console, trained_state, write_checkpoint, write_config
 
 PROMPTS = ["a red square moving left", "a blue circle moving right"]
@@ -153,3 +154,15 @@ def test_console_script_samples_a_prompt_file(run, tmp_path):
     assert "sampling" in result.stderr  # the progress bar
     assert "2 videos of" in result.stdout and "seeds 0..1" in result.stdout
     assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["contact_sheet.png", "samples.json", "videos"]
+
+
+def test_iterations_come_from_the_modules_count_and_fall_back_for_older_checkpoints(run, tmp_path):
+    # A run whose skipped minibatches took no optimizer step has fewer steps than iterations x steps
+    # per iteration: the module's own count (saved under ITERATION_KEY) is what was trained.
+    config, ckpt = run
+    checkpoint = torch.load(ckpt, weights_only=True)
+    model = load_run_config(config).model
+    assert load_trained_policy(config, ckpt).iterations == 9 // (model.num_inner_epochs * model.num_minibatches)
+    checkpoint[ITERATION_KEY] = 7
+    torch.save(checkpoint, tmp_path / "counted.ckpt")
+    assert load_trained_policy(config, tmp_path / "counted.ckpt").iterations == 7

@@ -10,6 +10,7 @@ from sp_grpo.functional.advantages import (
 )
 from sp_grpo.functional.aspects import aspect_means, standardize
 from sp_grpo.functional.losses import SurrogateOutput, clipped_surrogate, gaussian_kl
+from sp_grpo.functional.ppo import accumulate_gradients, pair_loss, ppo_update
 from sp_grpo.functional.reward_weighting import group_reward_weights, hoyer_sparsity
 from sp_grpo.functional.sde import SDEKind, SDEStepOutput, sde_step
 from sp_grpo.functional.semantic import colour_affinity, find_colours, linear_head_score, text_video_similarity
@@ -31,6 +32,7 @@ __all__ = [
     "SDEKind",
     "SDEStepOutput",
     "SurrogateOutput",
+    "accumulate_gradients",
     "aggregate_advantages",
     "aspect_means",
     "clip_advantages",
@@ -50,6 +52,8 @@ __all__ = [
     "luma",
     "motion_smoothness",
     "noise_sigma",
+    "pair_loss",
+    "ppo_update",
     "rms_contrast",
     "sde_step",
     "standardize",

@@ -27,7 +27,7 @@ from sp_grpo.functional.sde import sde_step
 
 if TYPE_CHECKING:  # sp_grpo.rollout imports sp_grpo.functional
     from sp_grpo.policies import VideoPolicy
-    from sp_grpo.rollout import Rollout, SamplerConfig
+    from sp_grpo.rollout import DenoisingConfig, Rollout
 
 __all__ = [
     "STATISTICS",
@@ -129,7 +129,7 @@ def pair_loss(
     advantages: Tensor,
     pairs: Tensor,
     *,
-    sampler: SamplerConfig,
+    sampler: DenoisingConfig,
     clip_range: float,
     kl_coef: float,
 ) -> dict[str, Tensor]:

@@ -8,9 +8,19 @@
 """
 
 from sp_grpo.policies.diffusers_base import DiffusersVideoPolicy, LatentLayout
-from sp_grpo.policies.diffusers_helpers import check_diffusers_folder, omit_frozen_from_state_dict, pack_text, unpack_text
+from sp_grpo.policies.diffusers_helpers import (
+    check_diffusers_folder,
+    omit_frozen_from_state_dict,
+    pack_text,
+    unpack_text,
+)
 from sp_grpo.policies.guidance import cfg_velocity
-from sp_grpo.policies.hunyuan import HunyuanVideoPolicy, load_hunyuan_components, save_hunyuan_folder, tiny_hunyuan_components
+from sp_grpo.policies.hunyuan import (
+    HunyuanVideoPolicy,
+    load_hunyuan_components,
+    save_hunyuan_folder,
+    tiny_hunyuan_components,
+)
 from sp_grpo.policies.ltx import LTXVideoPolicy, load_ltx_components, save_ltx_folder, tiny_ltx_components
 from sp_grpo.policies.protocol import PromptEmbeds, VideoPolicy
 from sp_grpo.policies.settings import DEFAULT_LORA_TARGETS, PolicySettings

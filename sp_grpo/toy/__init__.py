@@ -11,10 +11,12 @@ from sp_grpo.toy.model import (
     load_shapes_components,
     shapes_wan_components,
 )
+from sp_grpo.toy.pixel_vae import PixelSpaceVAE
 from sp_grpo.toy.rewards import ShapesFidelity, ShapesSemantic, ShapesTemporal
 from sp_grpo.toy.world import ShapePrompt, parse_prompt, prompts_for_split, render, render_batch
 
 __all__ = [
+    "PixelSpaceVAE",
     "CHECKPOINT_DIR",
     "GoldEvaluation",
     "SampleVideos",

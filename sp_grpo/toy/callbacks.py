@@ -2,7 +2,7 @@
 
 :class:`SampleVideos` works with any module that has a ``policy`` (a
 :class:`~sp_grpo.policies.VideoPolicy`) and a ``sampler`` (a
-:class:`~sp_grpo.rollout.SamplerConfig`), as :class:`~sp_grpo.SelfPacedGRPO` has; only
+:class:`~sp_grpo.rollout.DenoisingConfig`), as :class:`~sp_grpo.SelfPacedGRPO` has; only
 :class:`GoldEvaluation` is specific to the shapes world.
 """
 
@@ -39,7 +39,7 @@ def _check_module(module: pl.LightningModule, owner: str) -> None:
     if not hasattr(module, "policy") or not hasattr(module, "sampler"):
         raise AttributeError(
             f"{owner} samples with `pl_module.policy` and `pl_module.sampler`, which {type(module).__name__} lacks:"
-            " use it with sp_grpo.SelfPacedGRPO, or give your module a VideoPolicy `policy` and a SamplerConfig"
+            " use it with sp_grpo.SelfPacedGRPO, or give your module a VideoPolicy `policy` and a DenoisingConfig"
             " `sampler`."
         )
 

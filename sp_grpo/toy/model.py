@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ModelMixin  # noqa: F401 - see below
-from diffusers import WanTransformer3DModel
+from diffusers import (
+    ModelMixin,  # noqa: F401 - see below
+    WanTransformer3DModel,
+)
 from torch import Tensor, nn
 
 from sp_grpo.policies.diffusers_helpers import seeded

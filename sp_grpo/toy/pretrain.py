@@ -28,13 +28,13 @@ import torch
 
 from sp_grpo.policies.tiny import save_wan_folder
 from sp_grpo.policies.wan import WanComponents, WanPolicy
-from sp_grpo.rollout import SamplerConfig, sample_ode
+from sp_grpo.rollout import DenoisingConfig, sample_ode
 from sp_grpo.toy.gold import gold_summary
 from sp_grpo.toy.model import MAX_SEQUENCE_LENGTH, shapes_wan_components
 from sp_grpo.toy.world import NUM_FRAMES, SIZE, parse_prompt, prompts_for_split, random_layouts, render_batch
 
 #: The sampler the demo evaluates with (and pre-training evaluates checkpoints with).
-EVAL_SAMPLER = SamplerConfig(num_steps=8, guidance_scale=1.0, num_frames=NUM_FRAMES, height=SIZE, width=SIZE)
+EVAL_SAMPLER = DenoisingConfig(num_steps=8, guidance_scale=1.0, num_frames=NUM_FRAMES, height=SIZE, width=SIZE)
 
 
 def videos_to_latents(videos: torch.Tensor) -> torch.Tensor:

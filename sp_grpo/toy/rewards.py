@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from sp_grpo.rewards.base import VideoReward
-from sp_grpo.toy.measure import centroids, component_stats, glyph_iou, mean_object_colour, object_masks, palette_distance
+from sp_grpo.toy.measure import (
+    centroids,
+    component_stats,
+    glyph_iou,
+    mean_object_colour,
+    object_masks,
+    palette_distance,
+)
 from sp_grpo.toy.world import CELL, COLOURS, DIRECTIONS, parse_prompt
 
 #: Pixel colour error (L-infinity) at which a pixel scores 0 in :func:`pixel_purity`.

@@ -6,7 +6,7 @@ import torch
 from sp_grpo.functional.losses import clipped_surrogate
 from sp_grpo.functional.ppo import STATISTICS, accumulate_gradients, check_update_settings, pair_loss, ppo_update
 from sp_grpo.policies import TinyWanPolicy
-from sp_grpo.rollout import SamplerConfig, sample_rollout
+from sp_grpo.rollout import DenoisingConfig, sample_rollout
 
 
 def _recording_accumulate(calls):
@@ -83,7 +83,7 @@ def test_accumulate_gradients_equals_the_mean_over_all_pairs_whatever_the_micro_
 
 
 def test_pair_loss_is_the_clipped_surrogate_of_each_steps_log_ratio():
-    sampler = SamplerConfig(num_steps=3, num_frames=5, height=32, width=32, guidance_scale=2.0)
+    sampler = DenoisingConfig(num_steps=3, num_frames=5, height=32, width=32, guidance_scale=2.0)
     policy = TinyWanPolicy(seed=0, lora_rank=4)
     rollout = sample_rollout(policy, ["a red square", "a blue circle"], 2, sampler, generator=torch.Generator().manual_seed(0))
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])

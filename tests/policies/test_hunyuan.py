@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from sp_grpo.policies.protocol import PromptEmbeds, VideoPolicy
 from sp_grpo.policies.diffusers_helpers import build_pipeline, pack_text, unpack_text
 from sp_grpo.policies.hunyuan import (
     TINY_CROP_START,
@@ -10,6 +9,7 @@ from sp_grpo.policies.hunyuan import (
     save_hunyuan_folder,
     tiny_hunyuan_components,
 )
+from sp_grpo.policies.protocol import PromptEmbeds, VideoPolicy
 from sp_grpo.rollout import DenoisingConfig, sample_ode
 
 TINY = {"prompt_template": TINY_PROMPT_TEMPLATE, "template_crop_start": TINY_CROP_START, "max_sequence_length": 16, "torch_dtype": "float32"}

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from sp_grpo.policies.protocol import VideoPolicy
 from sp_grpo.policies.diffusers_helpers import build_pipeline, unpack_text
 from sp_grpo.policies.ltx import (
     LTXVideoPolicy,
@@ -13,6 +12,7 @@ from sp_grpo.policies.ltx import (
     tiny_ltx_components,
     unpack_latents,
 )
+from sp_grpo.policies.protocol import VideoPolicy
 from sp_grpo.rollout import DenoisingConfig, sample_ode
 
 TINY = {"max_sequence_length": 16, "torch_dtype": "float32"}

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from sp_grpo.policies.wan import WanPolicy
+from sp_grpo.rollout import sample_ode
 from sp_grpo.toy.gold import gold_summary
 from sp_grpo.toy.model import CHECKPOINT_DIR, ShapesWanPolicy, shapes_wan_components
 from sp_grpo.toy.pretrain import EVAL_SAMPLER
-from sp_grpo.rollout import sample_ode
 from sp_grpo.toy.world import prompts_for_split
 
 
