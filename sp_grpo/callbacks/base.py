@@ -151,8 +151,16 @@ class RewardWeightsCallback(Callback):
     def _write_weights(self, pl_module: pl.LightningModule) -> None:
         pl_module.reward_weights = dict(self.current_weights())
 
-    def _read_outputs(self, outputs: Any) -> tuple[Tensor, int, list[str] | None] | None:
-        return read_step_outputs(outputs, self.aspects, type(self).__name__)
+    def _gathered_step(
+        self, trainer: pl.Trainer, outputs: Any, with_prompts: bool = True
+    ) -> tuple[Tensor, int, list[str] | None] | None:
+        """The step's rewards ``(K, N_total)`` on the CPU, group size and prompts of every rank; ``None`` if absent."""
+        read = read_step_outputs(outputs, self.aspects, type(self).__name__)
+        if read is None:
+            return None
+        rewards, group_size, prompts = read
+        rewards, prompts = gather_step(trainer, rewards, prompts if with_prompts else None)
+        return rewards.cpu(), group_size, prompts
 
     def _zero_spread_count(self, rewards: Tensor, group_size: int) -> int:
         weights = torch.tensor([self.current_weights()[a] for a in self.aspects])

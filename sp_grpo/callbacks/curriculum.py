@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
-from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, gather_step, graded_aspects
+from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, graded_aspects
 from sp_grpo.callbacks.plot import plot_curriculum
 from sp_grpo.callbacks.static_weights import StaticWeights
 from sp_grpo.functional.competence import check_competence_settings, gain_zscore, persistent_competence
@@ -301,12 +301,10 @@ class SelfPacedCurriculum(RewardWeightsCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        read = self._read_outputs(outputs)
-        if read is None:
+        step = self._gathered_step(trainer, outputs)
+        if step is None:
             return
-        rewards, group_size, prompts = read
-        rewards, prompts = gather_step(trainer, rewards, prompts)
-        rewards = rewards.cpu()
+        rewards, group_size, prompts = step
         zero_std = self._zero_spread_count(rewards, group_size)
         self._state = update_competence(
             self._state, rewards, group_size, prompts, self.decay, self.warmup_steps, self.max_prompts

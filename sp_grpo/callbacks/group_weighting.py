@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, gather_step
+from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects
 from sp_grpo.functional.reward_weighting import group_reward_weights, hoyer_sparsity
 
 __all__ = ["GroupRewardWeighting", "GroupWeighting"]
@@ -262,12 +262,10 @@ class GroupRewardWeighting(RewardWeightsCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        read = self._read_outputs(outputs)
-        if read is None:
+        step = self._gathered_step(trainer, outputs, with_prompts=False)
+        if step is None:
             return
-        rewards, group_size, _ = read
-        rewards, _ = gather_step(trainer, rewards, None)
-        rewards = rewards.cpu()
+        rewards, group_size, _ = step
         self._warn_negative(rewards)
         # The weights this batch was trained with: same rewards, same target levels as the module used.
         used = self.weighting()

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, gather_step
+from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects
 
 __all__ = ["StaticWeights"]
 
@@ -57,11 +57,10 @@ class StaticWeights(RewardWeightsCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        read = self._read_outputs(outputs)
+        step = self._gathered_step(trainer, outputs, with_prompts=False)
         metrics = {f"curriculum/weight_{a}": w for a, w in self.weights.items()}
-        if read is not None:
-            rewards, group_size, _ = read
-            rewards, _ = gather_step(trainer, rewards, None)
+        if step is not None:
+            rewards, group_size, _ = step
             metrics["curriculum/zero_std_groups"] = float(self._zero_spread_count(rewards, group_size))
         # The module might have changed its weights; the baseline keeps them fixed.
         self._write_weights(pl_module)

@@ -19,16 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from sp_grpo.policies.diffusers_base import DiffusersVideoPolicy, LatentLayout
-from sp_grpo.policies.diffusers_helpers import (
-    build_pipeline,
-    check_diffusers_folder,
-    components_or_load,
-    flow_sigmas,
-    pack_text,
-    save_folder,
-    seeded,
-    unpack_text,
-)
+from sp_grpo.policies.diffusers_helpers import build_pipeline, check_diffusers_folder, components_or_load, flow_sigmas
+from sp_grpo.policies.diffusers_helpers import pack_text, save_folder, seeded, unpack_text
 from sp_grpo.policies.settings import DType, PolicySettings
 
 
