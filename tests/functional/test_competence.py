@@ -333,16 +333,7 @@ def test_constant_rewards_never_advance():
 def test_a_rise_of_two_percent_of_a_std_per_step_advances_within_90_steps(seed):
     # Rewards of std ~0.12 (noise 0.1, prompt levels spread 0.2) whose mean rises 0.002 per step in
     # proportion to the aspect's weight, as GRPO would train it.
-    generator = torch.Generator().manual_seed(seed)
-    levels = 0.3 + 0.2 * torch.rand(3, 50, generator=generator)
-    skill = torch.zeros(3, 1)
-
-    def reward_fn(t, weights):
-        skill.add_(0.002 * weights[:, None])
-        rewards, prompts = _prompted(generator, levels, torch.randint(0, 50, (4,), generator=generator))
-        return rewards + skill, prompts
-
-    stages, history = _curriculum(reward_fn, 400)
+    stages, history = _rising(seed, decay=0.9, persistence=0.0)
     assert 1 in stages and stages.index(1) < 90
     assert stages == sorted(stages) and stages[-1] == 2
     # Readable: no step moves competence by more than 0.3, and on average by under 0.01.
