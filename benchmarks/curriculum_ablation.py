@@ -20,9 +20,10 @@ only in what sets the reward weights:
 * ``static_attr`` (not run by default): equal static weights on the coarse semantic reward (the mean
   of per-attribute credit), the fair static baseline for ``self_paced_strict``.
 
-Results record ``competence: "v2"`` for curriculum arms run with the redesigned competence (a gain
-over each prompt's own first score that must clear its standard error); earlier ``self_paced``
-rows used the first design (the batch mean against the run's start).
+Results record ``competence: "v3"`` for curriculum arms run with the redesigned competence averaged
+over steps (``persistence``, default 0.9); ``"v2"`` rows had the redesigned competence without that
+average (a gain over each prompt's own first score that must clear its standard error); rows
+without the key used the first design (the batch mean against the run's start).
 
 ``--start weak`` runs from ``sp_grpo/toy/checkpoint_weak/`` (an earlier checkpoint of the
 pre-training, see the README) instead of the shipped one. ``--set key=value`` overrides a value
@@ -235,7 +236,7 @@ def run_arm(
         "train": training.summary(),
     }
     if arm.startswith("self_paced"):
-        result["competence"] = "v2"
+        result["competence"] = "v3"
         result["final_weights"] = dict(module.reward_weights)
         result["final_strictness"] = weights.current_strictness()
     if val_seeds:
