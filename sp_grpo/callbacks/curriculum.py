@@ -19,7 +19,8 @@ from torch import Tensor
 from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, graded_aspects
 from sp_grpo.callbacks.plot import plot_curriculum
 from sp_grpo.callbacks.static_weights import StaticWeights
-from sp_grpo.functional.competence import check_competence_settings, gain_zscore, persistent_competence
+from sp_grpo.functional.competence import check_competence_settings, check_persistence, gain_zscore
+from sp_grpo.functional.competence import persistent_competence
 from sp_grpo.functional.curriculum import (
     ASPECTS,
     CompetenceState,
@@ -145,7 +146,7 @@ class SelfPacedCurriculum(RewardWeightsCallback):
         if warmup_steps < 1:
             raise ValueError(f"`warmup_steps` ({warmup_steps}) must be at least 1: the starting level needs a batch.")
         check_competence_settings(target_gain, significance, saturation, stall_slope)
-        persistent_competence(torch.zeros(1), torch.zeros(1), persistence)  # raises for a bad `persistence`
+        check_persistence(persistence)
         check_unlock_settings(gate, threshold, width)
         check_floor(floor, len(self._configured_aspects or ASPECTS))
         if strictness_step is not None and not 0.0 < strictness_step <= 1.0:

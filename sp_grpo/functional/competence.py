@@ -33,6 +33,7 @@ from sp_grpo.functional.competence_stats import CompetenceState, reset_aspects, 
 __all__ = [
     "CompetenceState",
     "check_competence_settings",
+    "check_persistence",
     "competence",
     "gain_zscore",
     "level_competence",
@@ -239,6 +240,19 @@ def competence(
     return torch.where(state.steps > warmup_steps, value, torch.zeros_like(value))
 
 
+def check_persistence(persistence: float) -> None:
+    """Check the ``persistence`` of :func:`persistent_competence` (callbacks call it at construction).
+
+    Raises:
+        ValueError: If ``persistence`` is outside ``[0, 1)``.
+    """
+    if not 0.0 <= persistence < 1.0:
+        raise ValueError(
+            f"`persistence` ({persistence}) must be in [0, 1): 0 uses each step's competence as read, 0.9 "
+            "averages about 10 steps."
+        )
+
+
 def persistent_competence(previous: Tensor, current: Tensor, persistence: float = 0.0) -> Tensor:
     """Competence that must persist: an EMA over steps of the competence read each step.
 
@@ -265,9 +279,5 @@ def persistent_competence(previous: Tensor, current: Tensor, persistence: float 
         >>> persistent_competence(torch.zeros(2), torch.tensor([1.0, 0.5]), persistence=0.9)
         tensor([0.1000, 0.0500])
     """
-    if not 0.0 <= persistence < 1.0:
-        raise ValueError(
-            f"`persistence` ({persistence}) must be in [0, 1): 0 uses each step's competence as read, 0.9 "
-            "averages about 10 steps."
-        )
+    check_persistence(persistence)
     return persistence * previous.float() + (1.0 - persistence) * current.float()
