@@ -64,15 +64,41 @@ def is_hacked(run: dict) -> bool:
     return train_gain(run) > 0 and run["after"]["all_correct"] < run["before"]["all_correct"]
 
 
-def paired_differences(runs: Sequence[dict], arm: str, metric: str = "all_correct") -> list[float]:
-    """Per seed, ``arm`` minus ``static_equal`` after training; seeds missing from either arm are left out."""
-    base = {r["seed"]: r["after"][metric] for r in runs if r["arm"] == BASELINE}
-    return [r["after"][metric] - base[r["seed"]] for r in sorted(runs, key=lambda r: r["seed"]) if r["arm"] == arm and r["seed"] in base]
+def late_mean(run: dict, metric: str = "all_correct") -> float:
+    """Mean of the held-out ``metric`` over the evaluations in the second half of training (step > last / 2).
+
+    One evaluation of 16 prompts x 8 seeds reads all-three-correct with a binomial standard error of
+    about 0.04, as large as the gaps between arms; averaging the late evaluations steadies the readout.
+    Runs without a curve fall back to the final evaluation.
+    """
+    curve = {int(step): values for step, values in run.get("curve", {}).items()}
+    if metric not in next(iter(curve.values()), {}):
+        return run["after"][metric]
+    last = max(curve)
+    late = [values[metric] for step, values in curve.items() if step > last / 2]
+    return statistics.fmean(late)
 
 
-def table(runs: Sequence[dict]) -> str:
-    """Markdown: per arm, held-out gold after training (mean ± std over seeds), the paired difference
-    of all-three-correct from ``static_equal`` with its 95 % interval, and the runs that hacked."""
+def outcome(run: dict, metric: str = "all_correct", readout: str = "final") -> float:
+    """``run``'s held-out ``metric``: ``"final"`` (after training) or ``"late"`` (:func:`late_mean`)."""
+    if readout not in ("final", "late"):
+        raise ValueError(f"`readout` ({readout!r}) must be 'final' or 'late'.")
+    return run["after"][metric] if readout == "final" else late_mean(run, metric)
+
+
+def paired_differences(runs: Sequence[dict], arm: str, metric: str = "all_correct", readout: str = "final") -> list[float]:
+    """Per seed, ``arm`` minus ``static_equal`` (:func:`outcome`); seeds missing from either arm are left out."""
+    base = {r["seed"]: outcome(r, metric, readout) for r in runs if r["arm"] == BASELINE}
+    return [
+        outcome(r, metric, readout) - base[r["seed"]]
+        for r in sorted(runs, key=lambda r: r["seed"])
+        if r["arm"] == arm and r["seed"] in base
+    ]
+
+
+def table(runs: Sequence[dict], readout: str = "final") -> str:
+    """Markdown: per arm, held-out gold (mean ± std over seeds; ``readout`` as in :func:`outcome`), the
+    paired difference of all-three-correct from ``static_equal`` with its 95 % interval, and the runs that hacked."""
 
     def cell(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -84,19 +110,19 @@ def table(runs: Sequence[dict]) -> str:
     lines.append("| pretrained (before) | " + " | ".join(cell([r["before"][m] for r in runs]) for m in metrics) + " | | |")
     for arm in arms_in(runs):
         arm_runs = [r for r in runs if r["arm"] == arm]
-        diffs = paired_differences(runs, arm)
+        diffs = paired_differences(runs, arm, readout=readout)
         if arm == BASELINE or not diffs:
             delta = "—"
         else:
             mean, low, high = mean_interval(diffs)
             delta = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={len(diffs)})"
         hacked = sum(is_hacked(r) for r in arm_runs) if all("train" in r for r in arm_runs) else "—"
-        cells = " | ".join(cell([r["after"][m] for r in arm_runs]) for m in metrics)
+        cells = " | ".join(cell([outcome(r, m, readout) for r in arm_runs]) for m in metrics)
         lines.append(f"| {arm} (n={len(arm_runs)}) | {cells} | {delta} | {hacked} |")
     lines.append("")
     for arm in arms_in(runs):
         arm_runs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
-        lines.append(f"all_correct per seed, {arm}: " + ", ".join(f"{r['seed']}: {r['after']['all_correct']:.3f}" for r in arm_runs))
+        lines.append(f"all_correct per seed, {arm}: " + ", ".join(f"{r['seed']}: {outcome(r, 'all_correct', readout):.3f}" for r in arm_runs))
     return "\n".join(lines)
 
 
@@ -164,7 +190,7 @@ def load(paths: Iterable[str | Path], fill: dict[str, str] | None = None) -> lis
     return [{**(fill or {}), **run} for run in runs]
 
 
-def report(runs: Sequence[dict], out: str | Path | None = None, title: str = "") -> str:
+def report(runs: Sequence[dict], out: str | Path | None = None, title: str = "", readout: str = "final") -> str:
     """Print-ready tables, one per (start, regime) block; with ``out``, the two figures per block too."""
     blocks: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
@@ -172,7 +198,8 @@ def report(runs: Sequence[dict], out: str | Path | None = None, title: str = "")
     parts = []
     for (start, regime), block in sorted(blocks.items()):
         name = f"start {start}" + (f", {regime}" if regime else "")
-        parts.append(f"### {name}\n\n{table(block)}")
+        label = "" if readout == "final" else " (late readout: mean of the evaluations in the second half of training)"
+        parts.append(f"### {name}{label}\n\n{table(block, readout)}")
         if out is not None:
             stem = f"{start}_{regime}".strip("_").replace(" ", "").replace("=", "")
             plot_curves(block, Path(out) / f"curves_{stem}.png", f"{title}{name}: held-out all-three-correct")
@@ -186,9 +213,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="Folder for the figures; none written without it.")
     parser.add_argument("--fill", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Fields for runs that lack them, e.g. regime=kl0.1 for files written before runs recorded it.")
+    parser.add_argument("--readout", default="final", choices=["final", "late"],
+                        help="The held-out outcome: after training, or the mean of the second half's evaluations.")
     args = parser.parse_args()
     fill = dict(item.split("=", 1) for item in args.fill)
-    print(report(load(args.results, fill), args.out))
+    print(report(load(args.results, fill), args.out, readout=args.readout))
 
 
 if __name__ == "__main__":

@@ -232,7 +232,9 @@ def run_arm(
         "minutes": (time.perf_counter() - begin) / 60,
         "before": gold.results[steps[0]],
         "after": gold.results[steps[-1]],
-        "curve": {str(s): {m: gold.results[s][m] for m in ("all_correct", "cleanliness")} for s in steps},
+        "curve": {str(s): dict(gold.results[s]) for s in steps},
+        "max_steps": trainer.max_steps,
+        "gold_seeds": gold_seeds,
         "train": training.summary(),
     }
     if arm.startswith("self_paced"):

@@ -146,3 +146,17 @@ def test_load_fills_fields_that_older_result_files_lack(report, tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in (old, new)) + "\n")
     loaded = report.load([path], {"start": "shipped", "regime": "kl0.1"})
     assert [(r["start"], r["regime"]) for r in loaded] == [("shipped", "kl0.1"), ("weak", "kl0")]  # a run's own fields win
+
+
+def test_late_readout_averages_the_second_half_of_the_curve(report):
+    run = _run("static_equal", 0, 0.40)
+    run["curve"] = {str(s): {"all_correct": v} for s, v in ((0, 0.25), (50, 0.5), (100, 0.30), (150, 0.35), (200, 0.40))}
+    # Second half of 200 iterations: steps 150 and 200 (step 100 is the midpoint, not after it).
+    assert report.late_mean(run) == pytest.approx(0.375)
+    assert report.outcome(run, readout="final") == 0.40 and report.outcome(run, readout="late") == pytest.approx(0.375)
+    assert report.late_mean(run, "shape_acc") == 0.5  # not in the curve: the final evaluation
+    other = _run("paper_literal", 0, 0.10)
+    other["curve"] = {"0": {"all_correct": 0.25}, "200": {"all_correct": 0.45}}
+    assert report.paired_differences([run, other], "paper_literal", readout="late") == pytest.approx([0.45 - 0.375])
+    with pytest.raises(ValueError, match="'final' or 'late'"):
+        report.outcome(run, readout="best")
