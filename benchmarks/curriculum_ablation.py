@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ablation_report import report
+from ablation_report import load, report
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -246,6 +246,19 @@ def run_arm(
     return result
 
 
+def run_key(arm: str, seed: int, start: str, overrides: list[str], max_steps: int) -> tuple:
+    """What identifies a run for ``--resume``: arm, seed, start, overrides and iterations."""
+    return arm, int(seed), start, tuple(overrides), int(max_steps)
+
+
+def finished_runs(path: Path) -> set[tuple]:
+    """The :func:`run_key` of every run in the JSON-lines file at ``path`` that records its ``max_steps``."""
+    if not path.exists():
+        return set()
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {run_key(r["arm"], r["seed"], r["start"], r["overrides"], r["max_steps"]) for r in runs if "max_steps" in r}
+
+
 def _run(job: dict) -> dict:
     result = run_arm(**job)
     print(
@@ -274,6 +287,8 @@ def main() -> None:
     parser.add_argument("--gold-every", type=int, default=50, help="Iterations between held-out evaluations for the curves (0: before and after only).")
     parser.add_argument("--val-seeds", type=int, default=4, help="Samples per validation prompt after training (0: none).")
     parser.add_argument("--out", default="runs/ablation.jsonl", help="Every run's results, one JSON line each (appended).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Skip the runs --out already holds (same arm, seed, start, overrides and iterations).")
     parser.add_argument("--figures", default=None, help="Folder for the curves and hacking figures; default: beside --out.")
     args = parser.parse_args()
     load_config(args.config, args.overrides)  # a bad --set fails here, before any run starts
@@ -282,8 +297,13 @@ def main() -> None:
                   config_path=args.config, start=args.start, overrides=args.overrides, gold_every=args.gold_every,
                   val_seeds=args.val_seeds)
     jobs = [dict(arm=arm, seed=seed, **common) for seed in range(args.first_seed, args.first_seed + args.seeds) for arm in args.arms]
-    begin = time.perf_counter()
     out = Path(args.out)
+    if args.resume:
+        config = load_config(args.config, args.overrides)
+        done = finished_runs(out)
+        jobs = [job for job in jobs if run_key(job["arm"], job["seed"], args.start, args.overrides, args.max_steps or config["trainer"]["max_steps"]) not in done]
+        print(f"--resume: {len(done)} runs already in {out}; {len(jobs)} to run.", flush=True)
+    begin = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     # Each finished run is appended at once, so an interrupted ablation keeps what it did.
@@ -300,8 +320,8 @@ def main() -> None:
                 sink.write(json.dumps(results[-1]) + "\n")
                 sink.flush()
     print(f"\n{len(results)} runs, {(time.perf_counter() - begin) / 60:.1f} min on {args.device}; held-out gold after"
-          " training (mean ± std over seeds), paired differences from static_equal with 95 % intervals:\n")
-    print(report(results, args.figures or out.parent))
+          " training, every run in --out (mean ± std over seeds), paired differences from static_equal with 95 % intervals:\n")
+    print(report(load([out]), args.figures or out.parent))  # every run in the file, earlier ones included
 
 
 if __name__ == "__main__":

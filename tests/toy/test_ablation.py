@@ -160,3 +160,15 @@ def test_late_readout_averages_the_second_half_of_the_curve(report):
     assert report.paired_differences([run, other], "paper_literal", readout="late") == pytest.approx([0.45 - 0.375])
     with pytest.raises(ValueError, match="'final' or 'late'"):
         report.outcome(run, readout="best")
+
+
+def test_resume_skips_exactly_the_runs_the_file_holds(ablation, tmp_path):
+    out = tmp_path / "runs.jsonl"
+    assert ablation.finished_runs(out) == set()
+    row = {"arm": "static_equal", "seed": 3, "start": "shipped", "overrides": ["model.kl_coef=0"], "max_steps": 150}
+    old = {"arm": "self_paced", "seed": 3, "start": "shipped", "overrides": []}  # before runs recorded max_steps
+    out.write_text(json.dumps(row) + "\n" + json.dumps(old) + "\n")
+    done = ablation.finished_runs(out)
+    assert done == {ablation.run_key("static_equal", 3, "shipped", ["model.kl_coef=0"], 150)}
+    assert ablation.run_key("static_equal", 3, "shipped", [], 150) not in done  # another regime
+    assert ablation.run_key("static_equal", 3, "shipped", ["model.kl_coef=0"], 300) not in done  # another length
