@@ -215,9 +215,11 @@ def main() -> None:
                         help="Fields for runs that lack them, e.g. regime=kl0.1 for files written before runs recorded it.")
     parser.add_argument("--readout", default="final", choices=["final", "late"],
                         help="The held-out outcome: after training, or the mean of the second half's evaluations.")
+    parser.add_argument("--arms", nargs="*", default=None, help="Only these arms (default: every arm in the files).")
     args = parser.parse_args()
     fill = dict(item.split("=", 1) for item in args.fill)
-    print(report(load(args.results, fill), args.out, readout=args.readout))
+    runs = [run for run in load(args.results, fill) if args.arms is None or run["arm"] in args.arms]
+    print(report(runs, args.out, readout=args.readout))
 
 
 if __name__ == "__main__":
