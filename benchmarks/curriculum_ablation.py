@@ -34,6 +34,12 @@ differences from ``static_equal`` with 95 % intervals) and figures come from
 
     python benchmarks/curriculum_ablation.py --start weak --set model.kl_coef=0.1 --seeds 8 --workers 2
     python benchmarks/curriculum_ablation.py --start weak --seeds 8 --workers 8 --device cuda   # a GPU
+
+The README's 8-seed block used a cheaper screen recipe (2-step window, 150 iterations, 16 gold seeds;
+about 3.7 min per run on one core), and ``--resume`` to continue an interrupted block::
+
+    python benchmarks/curriculum_ablation.py --seeds 8 --workers 2 --max-steps 150 --set model.sampler.train_steps=window \
+        --gold-seeds 16 --gold-every 50 --val-seeds 0 --out benchmarks/results/shapes/abl_window150_shipped_kl0.1_cpu.jsonl --resume
 """
 
 from __future__ import annotations
