@@ -261,8 +261,7 @@ def finished_runs(path: Path) -> set[tuple]:
     """The :func:`run_key` of every run in the JSON-lines file at ``path`` that records its ``max_steps``."""
     if not path.exists():
         return set()
-    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {run_key(r["arm"], r["seed"], r["start"], r["overrides"], r["max_steps"]) for r in runs if "max_steps" in r}
+    return {run_key(r["arm"], r["seed"], r["start"], r["overrides"], r["max_steps"]) for r in load([path]) if "max_steps" in r}
 
 
 def _run(job: dict) -> dict:
@@ -297,7 +296,7 @@ def main() -> None:
                         help="Skip the runs --out already holds (same arm, seed, start, overrides and iterations).")
     parser.add_argument("--figures", default=None, help="Folder for the curves and hacking figures; default: beside --out.")
     args = parser.parse_args()
-    load_config(args.config, args.overrides)  # a bad --set fails here, before any run starts
+    config = load_config(args.config, args.overrides)  # a bad --set fails here, before any run starts
 
     common = dict(device=args.device, max_steps=args.max_steps, threads=args.threads, gold_seeds=args.gold_seeds,
                   config_path=args.config, start=args.start, overrides=args.overrides, gold_every=args.gold_every,
@@ -305,7 +304,6 @@ def main() -> None:
     jobs = [dict(arm=arm, seed=seed, **common) for seed in range(args.first_seed, args.first_seed + args.seeds) for arm in args.arms]
     out = Path(args.out)
     if args.resume:
-        config = load_config(args.config, args.overrides)
         done = finished_runs(out)
         jobs = [job for job in jobs if run_key(job["arm"], job["seed"], args.start, args.overrides, args.max_steps or config["trainer"]["max_steps"]) not in done]
         print(f"--resume: {len(done)} runs already in {out}; {len(jobs)} to run.", flush=True)

@@ -19,8 +19,12 @@ from torch import Tensor
 from sp_grpo.callbacks.base import RewardWeightsCallback, check_aspects, graded_aspects
 from sp_grpo.callbacks.plot import plot_curriculum
 from sp_grpo.callbacks.static_weights import StaticWeights
-from sp_grpo.functional.competence import check_competence_settings, check_persistence, gain_zscore
-from sp_grpo.functional.competence import persistent_competence
+from sp_grpo.functional.competence import (
+    check_competence_settings,
+    check_persistence,
+    gain_zscore,
+    persistent_competence,
+)
 from sp_grpo.functional.curriculum import (
     ASPECTS,
     CompetenceState,
