@@ -20,8 +20,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 GOLD_METRICS = ("colour_acc", "shape_acc", "direction_acc", "all_correct", "cleanliness", "flicker")
-ARM_ORDER = ("static_equal", "semantic_only", "paper_literal", "paper_calibrated", "self_paced", "static_equal_sum")
+ARM_ORDER = (
+    "static_equal", "semantic_only", "paper_literal", "paper_calibrated", "self_paced", "self_paced_strict", "static_attr",
+    "static_equal_sum",
+)  # fmt: skip
 BASELINE = "static_equal"
+_LABELS = {"all_correct": "all-three-correct", "cleanliness": "cleanliness"}
 
 # Two-sided 95 % quantiles of Student's t (degrees of freedom 1..30), from the standard table; the
 # normal 1.960 beyond. Written out so the report needs no SciPy.
@@ -59,9 +63,16 @@ def train_gain(run: dict) -> float:
     return statistics.fmean(last[a] - first[a] for a in first)
 
 
-def is_hacked(run: dict) -> bool:
-    """The training reward went up while held-out all-three-correct went down."""
-    return train_gain(run) > 0 and run["after"]["all_correct"] < run["before"]["all_correct"]
+#: Held-out metrics whose fall under a rising training reward counts as hacking, with the fall that
+#: counts: any fall of all-three-correct; a fall of cleanliness (clean frames, what the fidelity
+#: reward stands in for) of more than 0.01, twice its spread over seeds at one checkpoint.
+HACKING_MARGINS = {"all_correct": 0.0, "cleanliness": 0.01}
+
+
+def is_hacked(run: dict, metric: str = "all_correct", margin: float | None = None) -> bool:
+    """The training reward went up while held-out ``metric`` fell by more than ``margin`` (default :data:`HACKING_MARGINS`)."""
+    margin = HACKING_MARGINS.get(metric, 0.0) if margin is None else margin
+    return train_gain(run) > 0 and run["after"][metric] < run["before"][metric] - margin
 
 
 def late_mean(run: dict, metric: str = "all_correct") -> float:
@@ -98,27 +109,33 @@ def paired_differences(runs: Sequence[dict], arm: str, metric: str = "all_correc
 
 def table(runs: Sequence[dict], readout: str = "final") -> str:
     """Markdown: per arm, held-out gold (mean ± std over seeds; ``readout`` as in :func:`outcome`), the
-    paired difference of all-three-correct from ``static_equal`` with its 95 % interval, and the runs that hacked."""
+    paired differences of all-three-correct and of cleanliness from ``static_equal`` with their 95 %
+    intervals, and the runs that hacked each (:func:`is_hacked`)."""
 
     def cell(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
 
-    header = ["arm", "all_correct", "cleanliness", "colour", "shape", "direction", f"Δ all_correct vs {BASELINE} [95 % CI]", "hacked"]
+    def delta(arm: str, metric: str) -> str:
+        diffs = paired_differences(runs, arm, metric, readout)
+        if arm == BASELINE or not diffs:
+            return "—"
+        mean, low, high = mean_interval(diffs)
+        return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={len(diffs)})"
+
+    header = ["arm", "all_correct", "cleanliness", "colour", "shape", "direction", f"Δ all_correct vs {BASELINE} [95 % CI]",
+              f"Δ cleanliness vs {BASELINE} [95 % CI]", "hacked: all_correct", "hacked: cleanliness"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     metrics = ("all_correct", "cleanliness", "colour_acc", "shape_acc", "direction_acc")
-    lines.append("| pretrained (before) | " + " | ".join(cell([r["before"][m] for r in runs]) for m in metrics) + " | | |")
+    before = " | ".join(cell([r["before"][m] for r in runs]) for m in metrics)
+    lines.append(f"| pretrained (before) | {before} | | | | |")
     for arm in arms_in(runs):
         arm_runs = [r for r in runs if r["arm"] == arm]
-        diffs = paired_differences(runs, arm, readout=readout)
-        if arm == BASELINE or not diffs:
-            delta = "—"
-        else:
-            mean, low, high = mean_interval(diffs)
-            delta = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={len(diffs)})"
-        hacked = sum(is_hacked(r) for r in arm_runs) if all("train" in r for r in arm_runs) else "—"
+        trained = all("train" in r for r in arm_runs)
+        hacked = [str(sum(is_hacked(r, m) for r in arm_runs)) if trained else "—" for m in HACKING_MARGINS]
         cells = " | ".join(cell([outcome(r, m, readout) for r in arm_runs]) for m in metrics)
-        lines.append(f"| {arm} (n={len(arm_runs)}) | {cells} | {delta} | {hacked} |")
+        deltas = f"{delta(arm, 'all_correct')} | {delta(arm, 'cleanliness')}"
+        lines.append(f"| {arm} (n={len(arm_runs)}) | {cells} | {deltas} | {' | '.join(hacked)} |")
     lines.append("")
     for arm in arms_in(runs):
         arm_runs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
@@ -143,11 +160,11 @@ def _save(figure, path: str | Path) -> Path:
     return path
 
 
-def plot_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Held-out all-three-correct over training steps per arm: mean over seeds and a min-max band."""
+def plot_curves(runs: Sequence[dict], path: str | Path, title: str = "", metric: str = "all_correct") -> Path:
+    """Held-out ``metric`` over training steps per arm: mean over seeds and a min-max band."""
     figure, axis = _axis((7.0, 4.2))
     for arm in arms_in(runs):
-        curves = [{int(s): v["all_correct"] for s, v in r["curve"].items()} for r in runs if r["arm"] == arm and r.get("curve")]
+        curves = [{int(s): v[metric] for s, v in r["curve"].items()} for r in runs if r["arm"] == arm and r.get("curve")]
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -155,30 +172,33 @@ def plot_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path
         line = axis.plot(steps, [statistics.fmean(v) for v in values], label=f"{arm} (n={len(curves)})")[0]
         axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
     axis.set_xlabel("GRPO iteration")
-    axis.set_ylabel("held-out all-three-correct")
+    axis.set_ylabel(f"held-out {_LABELS.get(metric, metric)}")
     axis.set_title(title or "mean over seeds, band: min to max")
     axis.legend(loc="best", fontsize=8)
     return _save(figure, path)
 
 
-def plot_hacking(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Each run: change of the training reward (x) against change of held-out all-three-correct (y).
+def plot_hacking(runs: Sequence[dict], path: str | Path, title: str = "", metric: str = "all_correct") -> Path:
+    """Each run: change of the training reward (x) against change of held-out ``metric`` (y).
 
-    The lower-right quadrant is reward hacking: the training reward rose while the gold fell.
+    The lower-right quadrant is reward hacking: the training reward rose while the gold fell (by more
+    than the metric's margin in :data:`HACKING_MARGINS`, drawn as a dashed line).
     """
     figure, axis = _axis((6.0, 4.5))
     axis.axhline(0.0, color="grey", linewidth=0.8)
     axis.axvline(0.0, color="grey", linewidth=0.8)
+    if HACKING_MARGINS.get(metric, 0.0):
+        axis.axhline(-HACKING_MARGINS[metric], color="grey", linewidth=0.8, linestyle="--")
     for arm in arms_in(runs):
         arm_runs = [r for r in runs if r["arm"] == arm and "train" in r]
         axis.scatter(
             [train_gain(r) for r in arm_runs],
-            [r["after"]["all_correct"] - r["before"]["all_correct"] for r in arm_runs],
-            label=f"{arm}: {sum(is_hacked(r) for r in arm_runs)} of {len(arm_runs)} hacked",
+            [r["after"][metric] - r["before"][metric] for r in arm_runs],
+            label=f"{arm}: {sum(is_hacked(r, metric) for r in arm_runs)} of {len(arm_runs)} hacked",
             s=18,
         )
     axis.set_xlabel("training reward change (mean of aspects, last - first iterations)")
-    axis.set_ylabel("held-out all-three-correct change")
+    axis.set_ylabel(f"held-out {_LABELS.get(metric, metric)} change")
     axis.set_title(title or "lower right: reward up, gold down (hacking)")
     axis.legend(loc="best", fontsize=8)
     return _save(figure, path)
@@ -202,8 +222,11 @@ def report(runs: Sequence[dict], out: str | Path | None = None, title: str = "",
         parts.append(f"### {name}{label}\n\n{table(block, readout)}")
         if out is not None:
             stem = f"{start}_{regime}".strip("_").replace(" ", "").replace("=", "")
-            plot_curves(block, Path(out) / f"curves_{stem}.png", f"{title}{name}: held-out all-three-correct")
-            plot_hacking(block, Path(out) / f"hacking_{stem}.png", f"{title}{name}: training reward vs gold")
+            for metric in HACKING_MARGINS:  # all_correct keeps the plain file names
+                prefix = "" if metric == "all_correct" else f"{metric}_"
+                label = _LABELS[metric]
+                plot_curves(block, Path(out) / f"curves_{prefix}{stem}.png", f"{title}{name}: held-out {label}", metric)
+                plot_hacking(block, Path(out) / f"hacking_{prefix}{stem}.png", f"{title}{name}: training reward vs {label}", metric)
     return "\n\n".join(parts)
 
 

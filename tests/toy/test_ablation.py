@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from sp_grpo.toy.gold import GOLD_METRICS
 
@@ -39,10 +38,11 @@ def ablation():
         sys.path.remove(str(BENCHMARKS))
 
 
-def _run(arm: str, seed: int, all_correct: float, train_gain: float = 0.0, before: float = 0.5) -> dict:
+def _run(arm: str, seed: int, all_correct: float, train_gain: float = 0.0, before: float = 0.5, cleanliness: float = 0.5) -> dict:
     start = {m: 0.5 for m in GOLD_METRICS} | {"all_correct": before}
     train = {"first": {"fidelity": 0.5, "semantic": 0.2}, "last": {"fidelity": 0.5 + train_gain, "semantic": 0.2 + train_gain}}
-    return {"arm": arm, "seed": seed, "before": start, "after": {**start, "all_correct": all_correct}, "train": train}
+    after = {**start, "all_correct": all_correct, "cleanliness": cleanliness}
+    return {"arm": arm, "seed": seed, "before": start, "after": after, "train": train}
 
 
 def _rows(text: str) -> dict[str, list[str]]:
@@ -85,7 +85,23 @@ def test_hacking_is_training_reward_up_while_gold_down(report):
     assert not report.is_hacked(_run("semantic_only", 0, 0.4, train_gain=0.05, before=0.3))  # gold up
     assert not report.is_hacked(_run("semantic_only", 0, 0.1, train_gain=-0.05, before=0.3))  # reward down
     runs = [_run("static_equal", 0, 0.3), _run("semantic_only", 0, 0.1, train_gain=0.05), _run("semantic_only", 1, 0.6, train_gain=0.05)]
-    assert _rows(report.table(runs))["semantic_only (n=2)"][-1] == "1"
+    assert _rows(report.table(runs))["semantic_only (n=2)"][-2:] == ["1", "0"]
+
+
+def test_cleanliness_hacking_needs_a_fall_beyond_its_margin_and_gets_its_own_paired_column(report):
+    # Start at 0.5: a fall to 0.495 is within the 0.01 margin, a fall to 0.48 is hacking (reward up).
+    assert not report.is_hacked(_run("self_paced", 0, 0.5, train_gain=0.05, cleanliness=0.495), "cleanliness")
+    assert report.is_hacked(_run("self_paced", 0, 0.5, train_gain=0.05, cleanliness=0.48), "cleanliness")
+    assert not report.is_hacked(_run("self_paced", 0, 0.5, train_gain=-0.05, cleanliness=0.48), "cleanliness")
+    base, arm = [0.50, 0.46, 0.48], [0.49, 0.47, 0.50]
+    runs = [_run("static_equal", s, 0.3, train_gain=0.05, before=0.3, cleanliness=v) for s, v in enumerate(base)]
+    runs += [_run("self_paced", s, 0.3, train_gain=0.05, before=0.3, cleanliness=v) for s, v in enumerate(arm)]
+    diffs = [a - b for a, b in zip(arm, base)]
+    mean, low, high = report.mean_interval(diffs)
+    row = _rows(report.table(runs))["self_paced (n=3)"]
+    assert row[6] == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n=3)"
+    assert row[-2:] == ["0", "1"]  # all_correct never fell; cleanliness fell by 0.03 on one seed
+    assert _rows(report.table(runs))["static_equal (n=3)"][-1] == "2"
 
 
 def test_report_writes_curves_and_hacking_figures_per_block(report, tmp_path):
@@ -97,7 +113,7 @@ def test_report_writes_curves_and_hacking_figures_per_block(report, tmp_path):
             runs.append(run)
     text = report.report(runs, tmp_path)
     assert text.startswith("### start weak, kl0.1")
-    for name in ("curves_weak_kl0.1.png", "hacking_weak_kl0.1.png"):
+    for name in ("curves_weak_kl0.1.png", "hacking_weak_kl0.1.png", "curves_cleanliness_weak_kl0.1.png", "hacking_cleanliness_weak_kl0.1.png"):
         assert (tmp_path / name).stat().st_size > 5000
 
 
