@@ -136,10 +136,12 @@ def table(runs: Sequence[dict], readout: str = "final") -> str:
         cells = " | ".join(cell([outcome(r, m, readout) for r in arm_runs]) for m in metrics)
         deltas = f"{delta(arm, 'all_correct')} | {delta(arm, 'cleanliness')}"
         lines.append(f"| {arm} (n={len(arm_runs)}) | {cells} | {deltas} | {' | '.join(hacked)} |")
-    lines.append("")
-    for arm in arms_in(runs):
-        arm_runs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
-        lines.append(f"all_correct per seed, {arm}: " + ", ".join(f"{r['seed']}: {outcome(r, 'all_correct', readout):.3f}" for r in arm_runs))
+    for metric in HACKING_MARGINS:
+        lines.append("")
+        for arm in arms_in(runs):
+            arm_runs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+            values = ", ".join(f"{r['seed']}: {outcome(r, metric, readout):.3f}" for r in arm_runs)
+            lines.append(f"{metric} per seed, {arm}: {values}")
     return "\n".join(lines)
 
 

@@ -58,6 +58,7 @@ def test_table_reports_mean_std_and_per_seed_values(report):
     assert rows["static_equal (n=1)"][0] == "0.300 ± 0.000"
     assert "semantic_only" not in text
     assert "all_correct per seed, self_paced: 0: 0.200, 1: 0.400" in text
+    assert "cleanliness per seed, self_paced: 0: 0.500, 1: 0.500" in text
 
 
 def test_paired_difference_and_its_interval_match_a_hand_computation(report):
