@@ -42,7 +42,7 @@ about 3.7 min per run on one core), and ``--resume`` to continue an interrupted 
         --gold-seeds 16 --gold-every 50 --val-seeds 0 --out benchmarks/results/shapes/abl_window150_shipped_kl0.1_cpu.jsonl --resume
 
 The weak-start blocks (README) used the same window with fewer iterations, 100 at ``kl_coef: 0`` and
-80 at 0.1, to fit a CPU session::
+60 at 0.1 (gold every 30), to fit a CPU session::
 
     python benchmarks/curriculum_ablation.py --start weak --arms static_equal semantic_only paper_literal paper_calibrated \
         self_paced self_paced_strict --seeds 8 --workers 2 --max-steps 100 --set model.sampler.train_steps=window \
