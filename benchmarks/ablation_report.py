@@ -4,9 +4,11 @@ Every run is one JSON line: ``arm``, ``seed``, ``start``, ``regime``, ``before``
 metrics), ``curve`` (step -> held-out gold, when evaluated during training), ``val_after``
 (validation gold) and ``train`` (each aspect's mean training reward over the first and last
 iterations). Arms are compared on the same seeds: each arm's paired difference from
-``static_equal`` per seed, with a 95 % Student-t interval over seeds.
+``static_equal`` per seed, with a 95 % Student-t interval over seeds, for all-three-correct and for
+cleanliness; a run "hacked" when its training reward rose while one of them fell (:func:`is_hacked`).
+Per block, the figures are the curves of both metrics over iterations and the two hacking scatters.
 
-    python benchmarks/ablation_report.py benchmarks/results/shapes/ablation_weak_kl0.1_cpu.jsonl --out DIR
+    python benchmarks/ablation_report.py benchmarks/results/shapes/abl_weak100_kl0_cpu.jsonl --out DIR [--readout late]
 """
 
 from __future__ import annotations
