@@ -1,12 +1,15 @@
-"""One GRPO iteration three ways, interleaved in one process: ours, ours as it was, and a plain loop.
+"""One GRPO iteration four ways, interleaved in one process: ours, ours recomputing, ours as it was, and a plain loop.
 
 * ``ours``: ``SelfPacedGRPO.training_step`` under a Lightning ``Trainer``, as shipped
-  (``micro_batch_size: auto``, ``cfg_batched: auto``).
+  (``micro_batch_size: auto``, ``cfg_batched: auto``, ``reuse_rollout_forward: auto``, which on a
+  CPU backpropagates the on-policy update through the rollout's forward passes).
+* ``recompute``: the same with ``reuse_rollout_forward: false``: the update runs the network again
+  on every trained pair, in micro-batches.
 * ``before``: the same, with the hot path as it was before issue 19, kept here as a reference
   implementation: ``network.dtype`` read on every network call, the guided text concatenated on
   every call, sigma checks (host syncs) in every step and micro-batch, the whole trajectory and the
   videos copied after inference mode, the sigmas moved per micro-batch, and the configs' old fixed
-  micro-batch (8 for tiny.yaml, 64 for the demo).
+  micro-batch (8 for tiny.yaml, 64 for the demo), recomputing.
 * ``plain``: the straightforward loop most GRPO code writes, here on the same model and work:
   sample with per-step log-probs (one network call per step on the whole batch), decode, rewards,
   group advantages, then for every timestep one forward of the whole batch at that timestep (and
@@ -17,7 +20,7 @@ prompts and model-free rewards) and the shipped shapes-world model of ``configs/
 fine-tuning with a frozen reference copy, its sampler and rewards), each with the KL term on and
 off. Each round times every arm once, back to back (ours and before: iterations 2 and 3 of a fresh
 ``Trainer.fit``; plain: two iterations); printed are medians and the medians of the per-round
-ratios ours / plain and ours / before.
+ratios of ours to each other arm.
 
     python benchmarks/hot_path.py [--rounds 5] [--threads 1] [--models tiny shapes] [--kl 0 0.1]
 """
@@ -38,7 +41,7 @@ SHAPES_PROMPTS = ["a red square moving up", "a green ring moving left", "a blue 
 
 
 # --- the models, as the shipped configs build them -------------------------------------------------
-def build(model: str, kl_coef: float, micro_batch_size):
+def build(model: str, kl_coef: float, micro_batch_size, reuse_rollout_forward="auto"):
     from sp_grpo.module import SelfPacedGRPO
     from sp_grpo.rollout import DenoisingConfig
 
@@ -66,7 +69,10 @@ def build(model: str, kl_coef: float, micro_batch_size):
         sampler = DenoisingConfig(num_steps=8, guidance_scale=1.0, noise_level=0.7, num_frames=4, height=16, width=16)
         settings = dict(group_size=8, clip_range=0.01, learning_rate=1e-4)
         prompts = SHAPES_PROMPTS
-    module = SelfPacedGRPO(policy, rewards, sampler=sampler, kl_coef=kl_coef, micro_batch_size=micro_batch_size, **settings)
+    module = SelfPacedGRPO(
+        policy, rewards, sampler=sampler, kl_coef=kl_coef, micro_batch_size=micro_batch_size,
+        reuse_rollout_forward=reuse_rollout_forward, **settings,
+    )
     return module, prompts
 
 
@@ -100,7 +106,11 @@ def _before_sde_step(model_output, sample, sigma, sigma_next, **kwargs):
     return sde_step(model_output, sample, sigma, sigma_next, check_sigmas=False, **kwargs)
 
 
-def _before_sample_rollout(policy, prompts, group_size, config, *, generator, iteration=0, device="cpu", latent_dtype=torch.float32, inference_mode=True):
+def _before_sample_rollout(
+    policy, prompts, group_size, config, *, generator, iteration=0, device="cpu", latent_dtype=torch.float32, inference_mode=True,
+    keep_graph=False,
+):
+    assert not keep_graph, "the old hot path always recomputed the update's forward passes"
     from sp_grpo.policies import PromptEmbeds
     from sp_grpo.rollout import Rollout, select_steps
 
@@ -285,7 +295,8 @@ def main() -> None:
     for model in args.models:
         for kl in args.kl:
             ours, prompts = build(model, kl, "auto")
-            before, _ = build(model, kl, old_micro[model])
+            recompute, _ = build(model, kl, "auto", reuse_rollout_forward=False)
+            before, _ = build(model, kl, old_micro[model], reuse_rollout_forward=False)
             plain, _ = build(model, kl, "auto")
             optimizer = torch.optim.AdamW(plain.policy.trainable_parameters(), lr=plain.learning_rate)
 
@@ -299,7 +310,10 @@ def main() -> None:
                     plain_iteration(plain, prompts, optimizer, seed=seed)
                 return (time.perf_counter() - start) / iterations
 
-            arms = {"ours": lambda: lightning_iteration(ours, prompts), "before": run_before, "plain": run_plain}
+            arms = {
+                "ours": lambda: lightning_iteration(ours, prompts), "recompute": lambda: lightning_iteration(recompute, prompts),
+                "before": run_before, "plain": run_plain,
+            }
             for fn in arms.values():  # warm-up
                 fn()
             times: dict[str, list[float]] = {name: [] for name in arms}
@@ -308,10 +322,10 @@ def main() -> None:
                     times[name].append(fn())
             print(f"{model} (kl_coef {kl}):")
             for name, values in times.items():
-                print(f"  {name:7s} {statistics.median(values):7.3f} s  ({min(values):.3f}..{max(values):.3f})")
-            for other in ("plain", "before"):
+                print(f"  {name:9s} {statistics.median(values):7.3f} s  ({min(values):.3f}..{max(values):.3f})")
+            for other in ("plain", "recompute", "before"):
                 ratios = [a / b for a, b in zip(times["ours"], times[other])]
-                print(f"  ratio ours / {other:6s} = {statistics.median(ratios):.3f}  (per-round {min(ratios):.3f}..{max(ratios):.3f})")
+                print(f"  ratio ours / {other:9s} = {statistics.median(ratios):.3f}  (per-round {min(ratios):.3f}..{max(ratios):.3f})")
 
 
 if __name__ == "__main__":

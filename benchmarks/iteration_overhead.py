@@ -76,7 +76,11 @@ def build(args, train_steps: str = "all", window_size: int = 2) -> Setup:
         num_steps=args.steps, guidance_scale=4.5, num_frames=args.frames, height=args.size, width=args.size,
         train_steps=train_steps, window_size=window_size, window_placement="random",
     )
-    module = SelfPacedGRPO(policy, rewards, group_size=args.group_size, sampler=sampler, micro_batch_size=args.micro_batch)
+    # The isolated compute below recomputes the update's forward passes, so the iteration does too (reusing
+    # the rollout's would skip work the baseline does; hot_path.py measures that).
+    module = SelfPacedGRPO(
+        policy, rewards, group_size=args.group_size, sampler=sampler, micro_batch_size=args.micro_batch, reuse_rollout_forward=False
+    )
     prompts = PROMPTS[: args.prompts]
     datamodule = PromptDataModule(prompts=prompts, batch_size=len(prompts), shuffle=False)
     return Setup(module, datamodule, prompts)

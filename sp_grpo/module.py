@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from sp_grpo.distributed import all_gather_uneven, min_over_ranks, mix_seed, world_size
 from sp_grpo.fsdp import clip_grad_norm, shard_policy
 from sp_grpo.functional.advantages import AdvantageScale, AggregationMode, aggregate_advantages, clip_advantages
-from sp_grpo.functional.ppo import accumulate_gradients, check_minibatches, check_update_settings, pair_loss, ppo_update
+from sp_grpo.functional.ppo import (
+    accumulate_gradients,
+    check_minibatches,
+    check_update_settings,
+    pair_loss,
+    ppo_update,
+    rollout_graph_update,
+)
 from sp_grpo.functional.sde import check_sigma_schedule
 from sp_grpo.micro_batch import MicroBatchSizer, check_micro_batch_settings
 from sp_grpo.policies import VideoPolicy
@@ -76,6 +83,15 @@ class SelfPacedGRPO(L.LightningModule):
         val_sampler: Sampler settings of the validation loop (its own steps and video size); ``null``
             uses ``sampler``. Validation samples with the ODE (no sampler noise) from fixed seeds.
         rollout_inference_mode: Sample rollouts under ``torch.inference_mode`` rather than ``no_grad``.
+        reuse_rollout_forward: Backpropagate the update through the rollout's own forward passes
+            instead of running the network again on every trained pair
+            (:func:`~sp_grpo.functional.ppo.rollout_graph_update`): one forward pass per trained pair
+            instead of two, the same gradient. Only possible when the update is on-policy
+            (``num_inner_epochs`` 1, ``num_minibatches`` 1) in one process, and it keeps the
+            activations of every trained step from sampling to the update (``micro_batch_size`` does
+            not apply). ``"auto"``: on where those hold and the device is a CPU (memory is the
+            machine's; on a GPU ``micro_batch_size`` keeps the update's memory bounded, so set it
+            ``true`` only where the trained steps' activations fit).
         seed: Seed of the rollout noise; iteration ``i`` on rank ``r`` uses a generator seeded from
             ``(seed, i, r)``, so a resumed run samples exactly what an uninterrupted one would.
     """
@@ -104,6 +120,7 @@ class SelfPacedGRPO(L.LightningModule):
         reward_weights: dict[str, float] | None = None,
         val_sampler: ValDenoisingConfig | None = None,
         rollout_inference_mode: bool = True,
+        reuse_rollout_forward: bool | Literal["auto"] = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -121,6 +138,7 @@ class SelfPacedGRPO(L.LightningModule):
             reward_weights=reward_weights, aspects=aspects, trainable=bool(policy.trainable_parameters()),
         )
         check_micro_batch_settings(micro_batch_size, micro_batch_memory_gib)
+        _check_reuse_rollout_forward(reuse_rollout_forward, num_inner_epochs, num_minibatches)
         self.policy, self.rewards, self.group_size, self.seed = policy, rewards, group_size, seed
         self.sampler, self.val_sampler = sampler, (val_sampler if val_sampler is not None else sampler)
         self.num_inner_epochs, self.num_minibatches = num_inner_epochs, num_minibatches
@@ -129,7 +147,7 @@ class SelfPacedGRPO(L.LightningModule):
         self.advantage_scale, self.aggregation = advantage_scale, aggregation
         self.advantage_eps, self.advantage_clip = advantage_eps, advantage_clip
         self.learning_rate, self.weight_decay, self.lr_warmup_steps = learning_rate, weight_decay, lr_warmup_steps
-        self.rollout_inference_mode = rollout_inference_mode
+        self.rollout_inference_mode, self.reuse_rollout_forward = rollout_inference_mode, reuse_rollout_forward
         #: Aspect -> weight of its advantage, read at the start of every training step; curriculum
         #: callbacks write it between batches. Equal weights by default.
         self.reward_weights = dict(reward_weights if reward_weights is not None else dict.fromkeys(aspects, 1 / len(aspects)))
@@ -185,6 +203,7 @@ class SelfPacedGRPO(L.LightningModule):
             rollout = sample_rollout(
                 self.policy, prompts, self.group_size, self.sampler, generator=self.rollout_generator(self.iteration),
                 iteration=self.iteration, device=self.device, inference_mode=self.rollout_inference_mode,
+                keep_graph=self.reuses_rollout_forward,
             )
         # 2. Rewards, one score per sample and reward, aggregated per aspect.
         with _timed(seconds, "reward"), torch.no_grad():
@@ -245,9 +264,28 @@ class SelfPacedGRPO(L.LightningModule):
         start = sum(part.shape[-1] for part in parts[: self.global_rank])
         return clip_advantages(advantages[start : start + parts[self.global_rank].shape[-1]], self.advantage_clip)
 
+    @property
+    def reuses_rollout_forward(self) -> bool:
+        """Whether this iteration's update runs through the rollout's forward passes (``reuse_rollout_forward``)."""
+        one_process = world_size(self._strategy) == 1 and not isinstance(self._strategy, FSDPStrategy)
+        if self.reuse_rollout_forward is True:
+            if not one_process:
+                raise ValueError(
+                    "`model.reuse_rollout_forward: true` runs in one process without FSDP only (the update's"
+                    " gradients are synchronised or sharded per forward pass there); set it to 'auto' or false."
+                )
+            return True
+        on_policy = self.num_inner_epochs == 1 and self.num_minibatches == 1
+        return self.reuse_rollout_forward == "auto" and one_process and on_policy and self.device.type == "cpu"
+
     def policy_updates(self, rollout: Rollout, advantages: Tensor) -> dict[str, Tensor]:
-        """``num_inner_epochs`` passes of clipped updates over the rollout (:func:`.functional.ppo.ppo_update`)."""
+        """``num_inner_epochs`` passes of clipped updates over the rollout (:func:`.functional.ppo.ppo_update`),
+        or, for a rollout that kept its graph, the on-policy update through it (:func:`.functional.ppo.rollout_graph_update`)."""
         check_sigma_schedule(rollout.sigmas)  # once, on its CPU copy; then moved to the device once
+        if rollout.graph is not None:
+            settings = dict(sampler=self.sampler, clip_range=self.clip_range, kl_coef=self.kl_coef)
+            backward = self.manual_backward if self._trainer is not None else Tensor.backward
+            return rollout_graph_update(self.policy, rollout, advantages, self._optimizer_step, backward=backward, **settings)
         rollout = dataclasses.replace(rollout, sigmas=rollout.sigmas.to(self.device))
         # Seeded with the optimizer step that this iteration starts at when no minibatch is skipped.
         order = torch.Generator().manual_seed(mix_seed(self.seed, self.iteration * self.updates_per_iteration, 1 << 20))
@@ -317,6 +355,17 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - start
+
+
+def _check_reuse_rollout_forward(setting: Any, num_inner_epochs: int, num_minibatches: int) -> None:
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"`model.reuse_rollout_forward` ({setting!r}) must be true, false or 'auto'.")
+    if setting is True and (num_inner_epochs != 1 or num_minibatches != 1):
+        raise ValueError(
+            f"`model.reuse_rollout_forward: true` needs an on-policy update (`model.num_inner_epochs` 1 and"
+            f" `model.num_minibatches` 1, here {num_inner_epochs} and {num_minibatches}): later updates see changed"
+            " weights, so their forward passes must run again. Set it to 'auto' or false."
+        )
 
 
 def _per_sample(weight: float | Tensor, group_size: int) -> float | Tensor:

@@ -7,6 +7,7 @@ policy's :meth:`~sp_grpo.policies.VideoPolicy.velocity` and :func:`~sp_grpo.func
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Sequence
 
@@ -146,6 +147,27 @@ SamplerConfig = DenoisingConfig
 
 
 @dataclass
+class StepGraph:
+    """One denoising step's trained rows, still attached to the autograd graph of the rollout's forward pass.
+
+    Kept by :func:`sample_rollout` with ``keep_graph=True`` so that an on-policy update can
+    backpropagate through the rollout's own forward pass instead of recomputing it.
+
+    Attributes:
+        rows: ``(m,)`` the samples trained at this step.
+        log_prob: ``(m,)`` fp32 log-probability of each row's sampled latent, differentiable in the
+            policy's weights (equal in value to the rollout's ``log_probs`` at this step).
+        prev_mean: ``(m, *latent_shape)`` fp32 mean of the transition, differentiable (for the KL term).
+        std: ``(m, 1, ..., 1)`` fp32 standard deviation of the transition.
+    """
+
+    rows: Tensor
+    log_prob: Tensor
+    prev_mean: Tensor
+    std: Tensor
+
+
+@dataclass
 class Rollout:
     """Everything one GRPO iteration needs from sampling.
 
@@ -162,6 +184,8 @@ class Rollout:
         train_mask: ``(N, S)`` bool, the (sample, step) pairs that are trained.
         embeds: conditioning with ``N`` rows.
         videos: ``(N, T, 3, H, W)`` decoded videos in ``[0, 1]``.
+        graph: step index -> :class:`StepGraph` for every step with trained pairs, when sampled with
+            ``keep_graph=True``; ``None`` otherwise.
     """
 
     prompts: list[str]
@@ -173,6 +197,7 @@ class Rollout:
     train_mask: Tensor
     embeds: PromptEmbeds
     videos: Tensor
+    graph: dict[int, StepGraph] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -224,6 +249,7 @@ def sample_rollout(
     device: torch.device | str = "cpu",
     latent_dtype: torch.dtype = torch.float32,
     inference_mode: bool = True,
+    keep_graph: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` videos for each of ``prompts`` and record the trajectory.
 
@@ -243,12 +269,21 @@ def sample_rollout(
             bookkeeping at all, faster than ``no_grad``). The trajectory is written into buffers
             made before the loop, and prompts are encoded and videos decoded under ``no_grad``, so
             nothing the training step uses is an inference tensor and nothing is copied. ``False``
-            runs the loop under ``no_grad``.
+            runs the loop under ``no_grad``. Ignored with ``keep_graph``.
+        keep_graph: Run each step's forward pass with autograd on for the samples trained at that
+            step and keep the result in :attr:`Rollout.graph`, so that an update made before the
+            weights change (one inner epoch, one minibatch) backpropagates through it instead of
+            running the network again. The samples, latents and log-probabilities are the ones
+            sampled without it (the same random draws); the activations of every trained step stay
+            in memory until the graph is freed. A step with a trained subset of samples runs two
+            forward passes, the trained rows with autograd and the rest without.
 
     Returns:
         The :class:`Rollout`, with ``N = P * G`` samples, prompt-major.
     """
-    return _sample_rollout(policy, prompts, group_size, config, generator, iteration, torch.device(device), latent_dtype, inference_mode)
+    return _sample_rollout(
+        policy, prompts, group_size, config, generator, iteration, torch.device(device), latent_dtype, inference_mode, keep_graph
+    )
 
 
 @torch.no_grad()
@@ -262,6 +297,7 @@ def _sample_rollout(
     device: torch.device,
     latent_dtype: torch.dtype,
     inference_mode: bool,
+    keep_graph: bool,
 ) -> Rollout:
     num_prompts = len(prompts)
     n = num_prompts * group_size
@@ -284,10 +320,14 @@ def _sample_rollout(
     # the training step can index and save for backward without a copy of the whole trajectory.
     latents = torch.empty((n, config.num_steps + 1, *shape), device=device, dtype=latent_dtype)
     log_probs = torch.zeros((n, config.num_steps), device=device, dtype=torch.float32)
-    with torch.inference_mode(inference_mode):
-        deterministic = _denoise(policy, embeds, noise, sigmas, stochastic, config, generator, latents, log_probs)
+    graph = _trained_rows(train_mask, device) if keep_graph else None
+    # (not `inference_mode(False)`: that turns autograd on, and the loop would record a graph of every step)
+    with torch.inference_mode() if inference_mode and not keep_graph else contextlib.nullcontext():
+        deterministic = _denoise(policy, embeds, noise, sigmas, stochastic, config, generator, latents, log_probs, graph)
     # A step the sampler made deterministic (e.g. CPS's last step) has no likelihood to train.
     train_mask[:, deterministic] = False
+    if graph is not None:
+        graph = {step: part for step, part in graph.items() if isinstance(part, StepGraph) and not deterministic[step]}
     videos = policy.decode(latents[:, -1], generator=generator)
     return Rollout(
         prompts=[p for p in prompts for _ in range(group_size)],
@@ -299,7 +339,33 @@ def _sample_rollout(
         train_mask=train_mask.to(device),
         embeds=embeds,
         videos=videos,
+        graph=graph,
     )
+
+
+def _trained_rows(train_mask: Tensor, device: torch.device) -> dict[int, tuple[Tensor, Tensor | None]]:
+    """Step -> (the samples trained at it, the others or ``None`` when all are), on ``device``, for the
+    steps with any; computed on the CPU copy of the mask, so the loop reads nothing back."""
+    out = {}
+    for step in range(train_mask.shape[1]):
+        trained = train_mask[:, step]
+        if trained.any():
+            others = None if trained.all() else (~trained).nonzero().flatten().to(device)
+            out[step] = (trained.nonzero().flatten().to(device), others)
+    return out
+
+
+def _velocity_with_graph(
+    policy: VideoPolicy, x: Tensor, sigma: Tensor, embeds: PromptEmbeds, guidance: float, rows: Tensor, others: Tensor | None
+) -> Tensor:
+    """The velocity of all samples, with autograd on for ``rows`` only (all: one pass; a subset: two)."""
+    if others is None:
+        with torch.enable_grad():
+            return policy.velocity(x, sigma, embeds, guidance)
+    rest = policy.velocity(x[others], sigma[others], embeds.index(others), guidance)
+    with torch.enable_grad():
+        trained = policy.velocity(x[rows], sigma[rows], embeds.index(rows), guidance)
+        return torch.cat([trained, rest])[torch.cat([rows, others]).argsort()]
 
 
 def _denoise(
@@ -312,12 +378,15 @@ def _denoise(
     generator: torch.Generator | None,
     latents: Tensor,
     log_probs: Tensor,
+    graph: dict[int, tuple[Tensor, Tensor | None] | StepGraph] | None = None,
 ) -> Tensor:
     """The denoising loop: ODE (Euler) steps where ``stochastic`` is False, ``config.sde_kind`` elsewhere.
 
     Fills ``latents`` ``(N, S + 1, ...)`` (the noise, then each step's result) and ``log_probs``
     ``(N, S)`` in place. The loop reads nothing back from the device: the schedule is read from its
     CPU copy once, and each step's std is kept on the device and checked once after the loop.
+    ``graph`` (step -> trained rows and the others) has each of its steps run with autograd for those
+    rows, and each entry replaced in place by the step's :class:`StepGraph`.
 
     Returns:
         ``deterministic`` ``(S,)`` bool on the CPU: the steps whose noise turned out to be zero.
@@ -329,15 +398,24 @@ def _denoise(
     latents[:, 0] = x
     for i in range(steps):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
-        velocity = policy.velocity(x, torch.full((n,), sigma, device=x.device), embeds, config.guidance_scale)
+        sigma_b = torch.full((n,), sigma, device=x.device)
+        split = graph.get(i) if graph is not None else None
+        rows = None if split is None else split[0]
+        if split is None:
+            velocity = policy.velocity(x, sigma_b, embeds, config.guidance_scale)
+        else:
+            velocity = _velocity_with_graph(policy, x, sigma_b, embeds, config.guidance_scale, *split)
         noise_level = config.noise_level if stochastic_steps[i] else 0.0
-        step = sde_step(
-            velocity, x, sigma, sigma_next, kind=config.sde_kind, noise_level=noise_level, generator=generator, check_sigmas=False
-        )
-        x = step.prev_sample.to(latents.dtype)
+        with torch.enable_grad() if rows is not None else contextlib.nullcontext():
+            step = sde_step(
+                velocity, x, sigma, sigma_next, kind=config.sde_kind, noise_level=noise_level, generator=generator, check_sigmas=False
+            )
+            if rows is not None:
+                graph[i] = StepGraph(rows, step.log_prob[rows], step.prev_mean[rows], step.std[rows].detach())
+        x = step.prev_sample.detach().to(latents.dtype)
         latents[:, i + 1] = x
-        log_probs[:, i] = step.log_prob
-        stds[i] = step.std.flatten()
+        log_probs[:, i] = step.log_prob.detach()
+        stds[i] = step.std.detach().flatten()
     return ~(stds > 0).all(dim=1).cpu()
 
 
@@ -375,6 +453,7 @@ __all__ = [
     "DenoisingConfig",
     "Rollout",
     "SamplerConfig",
+    "StepGraph",
     "StepSelection",
     "ValDenoisingConfig",
     "WindowPlacement",

@@ -4,6 +4,8 @@ r"""The PPO update over one rollout, as plain functions: K epochs of clipped upd
 runs one optimizer step per minibatch; :func:`accumulate_gradients` backpropagates a minibatch's
 mean loss a micro-batch at a time; :func:`pair_loss` is that loss on a micro-batch of (sample,
 step) pairs: the clipped surrogate of the step's log-ratio, plus the KL to the reference.
+:func:`rollout_graph_update` is the same update for the on-policy case (one epoch, one minibatch)
+computed through the rollout's own forward passes instead of running the network again.
 
 .. math:: L = \mathrm{mean}_{(i, t)}\Big[\max\big(-A_i r_{i,t},\; -A_i\,\mathrm{clip}(r_{i,t}, 1 \pm \epsilon)\big)
     + \beta\,\mathrm{KL}\big(\pi_\theta(\cdot \mid x_{i,t}) \,\|\, \pi_{ref}(\cdot \mid x_{i,t})\big)\Big]
@@ -36,6 +38,7 @@ __all__ = [
     "check_update_settings",
     "pair_loss",
     "ppo_update",
+    "rollout_graph_update",
 ]
 
 #: The per-update statistics :func:`ppo_update` averages, besides the log-ratio.
@@ -272,4 +275,84 @@ def ppo_update(
     stats = {key: torch.stack(values).mean() if values else zero for key, values in totals.items()}
     stats["first_log_ratio_abs_max"] = first_log_ratio if first_log_ratio is not None else zero
     stats["trained_pairs"] = train_mask.sum().float()
+    return stats
+
+
+def rollout_graph_update(
+    policy: VideoPolicy,
+    rollout: Rollout,
+    advantages: Tensor,
+    optimizer_step: Callable[[], None],
+    *,
+    sampler: DenoisingConfig,
+    clip_range: float,
+    kl_coef: float,
+    backward: Callable[[Tensor], None],
+) -> dict[str, Tensor]:
+    r"""One on-policy update backpropagated through the rollout's forward passes (:attr:`Rollout.graph`).
+
+    With one inner epoch and one minibatch the weights are the sampling weights when the update
+    runs, so recomputing each trained pair's forward pass (what :func:`ppo_update` does) yields the
+    very log-probabilities the rollout recorded. Here the rollout kept them with their graphs
+    (``sample_rollout(..., keep_graph=True)``) and the loss of :func:`pair_loss` over all trained
+    pairs is formed from them directly:
+
+    .. math:: \log r_{i,t} = \log\pi_\theta(x_{i,t+1} \mid x_{i,t}) - \mathrm{sg}\big[\log\pi_\theta(x_{i,t+1} \mid x_{i,t})\big] = 0,
+        \qquad \nabla \log r_{i,t} = \nabla \log\pi_\theta(x_{i,t+1} \mid x_{i,t})
+
+    so the gradient is that of :func:`ppo_update` (up to floating-point order) at one forward pass
+    per trained pair instead of two. The KL term still runs the reference once per trained step.
+    The graph is freed by the backward pass.
+
+    Args:
+        policy: The generator; ``policy.reference()`` switches to the reference when ``kl_coef > 0``.
+        rollout: Sampled with ``keep_graph=True``; its ``train_mask`` may have been narrowed since
+            (e.g. groups dropped by the rewards), and only pairs still in it are trained.
+        advantages: ``(N,)`` advantages, one per sample.
+        optimizer_step: Clips the gradients, steps the optimizer and the schedule, zeroes the gradients.
+        sampler: The rollout's sampler settings (guidance, SDE kind and noise level).
+        clip_range: PPO clip range of the probability ratio.
+        kl_coef: Weight of the KL to the reference; 0 skips the reference's forward passes.
+        backward: Backpropagates the loss (``LightningModule.manual_backward``, or ``Tensor.backward``).
+
+    Returns:
+        What :func:`ppo_update` returns: :data:`STATISTICS`, ``first_log_ratio_abs_max`` and
+        ``trained_pairs``. Without a trained pair no optimizer step is taken and the statistics are 0.
+    """
+    if rollout.graph is None:
+        raise ValueError("`rollout.graph` is None: sample the rollout with `keep_graph=True` to update through it.")
+    device = rollout.latents.device
+    zero = torch.zeros((), device=device)
+    log_ratios, samples, kls = [], [], []
+    sigma_values = rollout.sigmas.tolist()
+    for step, part in sorted(rollout.graph.items()):
+        keep = rollout.train_mask[part.rows, step]
+        rows = part.rows[keep]
+        log_prob = part.log_prob[keep]
+        log_ratios.append(log_prob - log_prob.detach())
+        samples.append(rows)
+        if kl_coef > 0 and len(rows):
+            x, x_next = rollout.latents[rows, step], rollout.latents[rows, step + 1]
+            sigma = torch.full((len(rows),), sigma_values[step], device=device)
+            args = dict(kind=sampler.sde_kind, noise_level=sampler.noise_level, prev_sample=x_next, check_sigmas=False)
+            with torch.no_grad(), policy.reference():
+                velocity = policy.velocity(x, sigma, rollout.embeds.index(rows), sampler.guidance_scale)
+                ref = sde_step(velocity, x, sigma_values[step], sigma_values[step + 1], **args)
+            kls.append(gaussian_kl(part.prev_mean[keep], ref.prev_mean, part.std[keep]))
+    rollout.graph = None  # the backward below frees the activations; nothing may use them again
+    stats = {key: zero for key in STATISTICS} | {"first_log_ratio_abs_max": zero, "trained_pairs": rollout.train_mask.sum().float()}
+    log_ratio = torch.cat(log_ratios) if log_ratios else zero.new_zeros(0)
+    if log_ratio.numel() == 0:
+        return stats
+    surrogate = clipped_surrogate(log_ratio, advantages[torch.cat(samples)], clip_range)
+    loss, kl_ref = surrogate.loss, zero
+    if kls:
+        kl_ref = torch.cat(kls).mean()
+        loss = loss + kl_coef * kl_ref
+    backward(loss)
+    optimizer_step()
+    stats.update(
+        loss=loss.detach(), clip_frac=surrogate.clip_frac.detach(), approx_kl=surrogate.approx_kl.detach(),
+        ratio_mean=surrogate.ratio_mean.detach(), kl_ref=kl_ref.detach(), first_log_ratio_abs_max=log_ratio.detach().abs().max(),
+    )
     return stats
