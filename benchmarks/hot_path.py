@@ -1,10 +1,12 @@
-"""One GRPO iteration four ways, interleaved in one process: ours, ours recomputing, ours as it was, and a plain loop.
+"""One GRPO iteration four ways, interleaved in one process: ours, ours with the other update, ours as it was, and a plain loop.
 
-* ``ours``: ``SelfPacedGRPO.training_step`` under a Lightning ``Trainer``, as shipped
-  (``micro_batch_size: auto``, ``cfg_batched: auto``, ``reuse_rollout_forward: auto``, which on a
-  CPU backpropagates the on-policy update through the rollout's forward passes).
-* ``recompute``: the same with ``reuse_rollout_forward: false``: the update runs the network again
-  on every trained pair, in micro-batches.
+* ``ours``: ``SelfPacedGRPO.training_step`` under a Lightning ``Trainer``, as the config ships it
+  (``micro_batch_size: auto``, ``cfg_batched: auto``; ``reuse_rollout_forward`` true for the shapes
+  model as in ``configs/demo.yaml``: the on-policy update backpropagates through the rollout's
+  forward passes; false for the tiny model as in ``configs/tiny.yaml``: the update runs the network
+  again on every trained pair, in micro-batches).
+* ``reuse`` / ``recompute``: the same with ``reuse_rollout_forward`` flipped (``recompute`` for the
+  shapes model, ``reuse`` for the tiny one).
 * ``before``: the same, with the hot path as it was before issue 19, kept here as a reference
   implementation: ``network.dtype`` read on every network call, the guided text concatenated on
   every call, sigma checks (host syncs) in every step and micro-batch, the whole trajectory and the
@@ -41,7 +43,11 @@ SHAPES_PROMPTS = ["a red square moving up", "a green ring moving left", "a blue 
 
 
 # --- the models, as the shipped configs build them -------------------------------------------------
-def build(model: str, kl_coef: float, micro_batch_size, reuse_rollout_forward="auto"):
+#: ``reuse_rollout_forward`` as each model's config ships it.
+SHIPPED_REUSE = {"tiny": False, "shapes": True}
+
+
+def build(model: str, kl_coef: float, micro_batch_size, reuse_rollout_forward=None):
     from sp_grpo.module import SelfPacedGRPO
     from sp_grpo.rollout import DenoisingConfig
 
@@ -69,9 +75,9 @@ def build(model: str, kl_coef: float, micro_batch_size, reuse_rollout_forward="a
         sampler = DenoisingConfig(num_steps=8, guidance_scale=1.0, noise_level=0.7, num_frames=4, height=16, width=16)
         settings = dict(group_size=8, clip_range=0.01, learning_rate=1e-4)
         prompts = SHAPES_PROMPTS
+    reuse = SHIPPED_REUSE[model] if reuse_rollout_forward is None else reuse_rollout_forward
     module = SelfPacedGRPO(
-        policy, rewards, sampler=sampler, kl_coef=kl_coef, micro_batch_size=micro_batch_size,
-        reuse_rollout_forward=reuse_rollout_forward, **settings,
+        policy, rewards, sampler=sampler, kl_coef=kl_coef, micro_batch_size=micro_batch_size, reuse_rollout_forward=reuse, **settings
     )
     return module, prompts
 
@@ -295,7 +301,8 @@ def main() -> None:
     for model in args.models:
         for kl in args.kl:
             ours, prompts = build(model, kl, "auto")
-            recompute, _ = build(model, kl, "auto", reuse_rollout_forward=False)
+            other, _ = build(model, kl, "auto", reuse_rollout_forward=not SHIPPED_REUSE[model])
+            other_name = "recompute" if SHIPPED_REUSE[model] else "reuse"
             before, _ = build(model, kl, old_micro[model], reuse_rollout_forward=False)
             plain, _ = build(model, kl, "auto")
             optimizer = torch.optim.AdamW(plain.policy.trainable_parameters(), lr=plain.learning_rate)
@@ -311,7 +318,7 @@ def main() -> None:
                 return (time.perf_counter() - start) / iterations
 
             arms = {
-                "ours": lambda: lightning_iteration(ours, prompts), "recompute": lambda: lightning_iteration(recompute, prompts),
+                "ours": lambda: lightning_iteration(ours, prompts), other_name: lambda: lightning_iteration(other, prompts),
                 "before": run_before, "plain": run_plain,
             }
             for fn in arms.values():  # warm-up
@@ -323,9 +330,9 @@ def main() -> None:
             print(f"{model} (kl_coef {kl}):")
             for name, values in times.items():
                 print(f"  {name:9s} {statistics.median(values):7.3f} s  ({min(values):.3f}..{max(values):.3f})")
-            for other in ("plain", "recompute", "before"):
-                ratios = [a / b for a, b in zip(times["ours"], times[other])]
-                print(f"  ratio ours / {other:9s} = {statistics.median(ratios):.3f}  (per-round {min(ratios):.3f}..{max(ratios):.3f})")
+            for name in ("plain", other_name, "before"):
+                ratios = [a / b for a, b in zip(times["ours"], times[name])]
+                print(f"  ratio ours / {name:9s} = {statistics.median(ratios):.3f}  (per-round {min(ratios):.3f}..{max(ratios):.3f})")
 
 
 if __name__ == "__main__":

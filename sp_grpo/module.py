@@ -86,12 +86,12 @@ class SelfPacedGRPO(L.LightningModule):
         reuse_rollout_forward: Backpropagate the update through the rollout's own forward passes
             instead of running the network again on every trained pair
             (:func:`~sp_grpo.functional.ppo.rollout_graph_update`): one forward pass per trained pair
-            instead of two, the same gradient. Only possible when the update is on-policy
-            (``num_inner_epochs`` 1, ``num_minibatches`` 1) in one process, and it keeps the
-            activations of every trained step from sampling to the update (``micro_batch_size`` does
-            not apply). ``"auto"``: on where those hold and the device is a CPU (memory is the
-            machine's; on a GPU ``micro_batch_size`` keeps the update's memory bounded, so set it
-            ``true`` only where the trained steps' activations fit).
+            instead of two, the same gradient. Needs an on-policy update (``num_inner_epochs`` 1,
+            ``num_minibatches`` 1) in one process, and keeps the activations of every trained step
+            from sampling to the update (``micro_batch_size`` does not apply). Faster where the
+            network is compute-bound (the shapes model: 0.75-0.91 of the time of recomputing); slower
+            where each call costs the same whatever its size (the tiny random Wan: 1.16-1.23x, as its
+            recomputed update is one pass), so it is off unless set (``benchmarks/hot_path.py``).
         seed: Seed of the rollout noise; iteration ``i`` on rank ``r`` uses a generator seeded from
             ``(seed, i, r)``, so a resumed run samples exactly what an uninterrupted one would.
     """
@@ -120,7 +120,7 @@ class SelfPacedGRPO(L.LightningModule):
         reward_weights: dict[str, float] | None = None,
         val_sampler: ValDenoisingConfig | None = None,
         rollout_inference_mode: bool = True,
-        reuse_rollout_forward: bool | Literal["auto"] = "auto",
+        reuse_rollout_forward: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -267,16 +267,14 @@ class SelfPacedGRPO(L.LightningModule):
     @property
     def reuses_rollout_forward(self) -> bool:
         """Whether this iteration's update runs through the rollout's forward passes (``reuse_rollout_forward``)."""
-        one_process = world_size(self._strategy) == 1 and not isinstance(self._strategy, FSDPStrategy)
-        if self.reuse_rollout_forward is True:
-            if not one_process:
-                raise ValueError(
-                    "`model.reuse_rollout_forward: true` runs in one process without FSDP only (the update's"
-                    " gradients are synchronised or sharded per forward pass there); set it to 'auto' or false."
-                )
-            return True
-        on_policy = self.num_inner_epochs == 1 and self.num_minibatches == 1
-        return self.reuse_rollout_forward == "auto" and one_process and on_policy and self.device.type == "cpu"
+        if not self.reuse_rollout_forward:
+            return False
+        if world_size(self._strategy) > 1 or isinstance(self._strategy, FSDPStrategy):
+            raise ValueError(
+                "`model.reuse_rollout_forward: true` runs in one process without FSDP only (there the update's"
+                " gradients are synchronised or sharded per forward pass); set it to false."
+            )
+        return True
 
     def policy_updates(self, rollout: Rollout, advantages: Tensor) -> dict[str, Tensor]:
         """``num_inner_epochs`` passes of clipped updates over the rollout (:func:`.functional.ppo.ppo_update`),
@@ -358,13 +356,13 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 
 def _check_reuse_rollout_forward(setting: Any, num_inner_epochs: int, num_minibatches: int) -> None:
-    if setting not in (True, False, "auto"):
-        raise ValueError(f"`model.reuse_rollout_forward` ({setting!r}) must be true, false or 'auto'.")
+    if not isinstance(setting, bool):
+        raise ValueError(f"`model.reuse_rollout_forward` ({setting!r}) must be true or false.")
     if setting is True and (num_inner_epochs != 1 or num_minibatches != 1):
         raise ValueError(
             f"`model.reuse_rollout_forward: true` needs an on-policy update (`model.num_inner_epochs` 1 and"
             f" `model.num_minibatches` 1, here {num_inner_epochs} and {num_minibatches}): later updates see changed"
-            " weights, so their forward passes must run again. Set it to 'auto' or false."
+            " weights, so their forward passes must run again. Set it to false."
         )
 
 

@@ -1,9 +1,11 @@
-"""The on-policy update through the rollout's own forward passes (``reuse_rollout_forward``).
+"""The on-policy update through the rollout's own forward passes (``model.reuse_rollout_forward``).
 
 The reference is the recomputing update (``accumulate_gradients`` over the trained pairs, which
 runs the network again on every pair): both must give the same gradient, loss and KL, for every way
 of choosing the trained steps, while the network runs once per trained pair instead of twice.
 """
+
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -137,11 +139,11 @@ def _fit(module, steps=2):
     return trainer
 
 
-def test_auto_reuses_the_rollout_forward_on_a_cpu_and_trains_like_the_recomputing_update():
-    reused, recomputed = _module("window", guidance=1.0), _module("window", guidance=1.0, reuse_rollout_forward=False)
+def test_reusing_the_rollout_forward_trains_like_recomputing_it_under_a_trainer():
+    reused, recomputed = _module("window", guidance=1.0, reuse_rollout_forward=True), _module("window", guidance=1.0)
+    assert reused.reuses_rollout_forward and not recomputed.reuses_rollout_forward  # off unless set
     rows = _forward_rows(reused)
     _fit(reused, steps=1)
-    assert reused.reuses_rollout_forward and not recomputed.reuses_rollout_forward
     # 4 samples: 4 rollout steps (the 2 window steps with autograd), then the reference on the 2 x 4 trained pairs
     assert rows == [(False, 4), (True, 4), (True, 4), (False, 4), (False, 4), (False, 4)]
     _fit(recomputed, steps=1)
@@ -153,17 +155,9 @@ def test_auto_reuses_the_rollout_forward_on_a_cpu_and_trains_like_the_recomputin
 
 
 @pytest.mark.parametrize(
-    ("overrides", "on"),
-    [({}, True), ({"num_inner_epochs": 2}, False), ({"num_minibatches": 2}, False), ({"reuse_rollout_forward": False}, False)],
-)
-def test_auto_needs_an_on_policy_update(overrides, on):
-    assert _module(**overrides).reuses_rollout_forward is on
-
-
-@pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"reuse_rollout_forward": "yes"}, r"`model.reuse_rollout_forward` \('yes'\) must be true, false or 'auto'"),
+        ({"reuse_rollout_forward": "auto"}, r"`model.reuse_rollout_forward` \('auto'\) must be true or false"),
         (
             {"reuse_rollout_forward": True, "num_inner_epochs": 2},
             r"`model.reuse_rollout_forward: true` needs an on-policy update \(`model.num_inner_epochs` 1 and `model.num_minibatches` 1, here 2 and 1\)",
@@ -183,3 +177,10 @@ def test_a_rollout_without_the_graph_records_no_autograd_graph(inference_mode):
     rollout = sample_rollout(module.policy, PROMPTS, 2, sampler, generator=torch.Generator().manual_seed(0), inference_mode=inference_mode)
     assert rows == [(False, 8)] * 4  # guidance batched (2 x 4 rows); `rollout_inference_mode: false` is no_grad, not autograd
     assert rollout.graph is None and not rollout.log_probs.requires_grad
+
+
+def test_reusing_the_rollout_forward_needs_one_process(monkeypatch):
+    module = _module(reuse_rollout_forward=True)
+    monkeypatch.setattr(SelfPacedGRPO, "_strategy", property(lambda self: SimpleNamespace(world_size=2)))
+    with pytest.raises(ValueError, match=r"`model.reuse_rollout_forward: true` runs in one process without FSDP only"):
+        module.reuses_rollout_forward
