@@ -183,4 +183,4 @@ def test_reusing_the_rollout_forward_needs_one_process(monkeypatch):
     module = _module(reuse_rollout_forward=True)
     monkeypatch.setattr(SelfPacedGRPO, "_strategy", property(lambda self: SimpleNamespace(world_size=2)))
     with pytest.raises(ValueError, match=r"`model.reuse_rollout_forward: true` runs in one process without FSDP only"):
-        module.reuses_rollout_forward
+        _ = module.reuses_rollout_forward
