@@ -90,7 +90,7 @@ class SelfPacedGRPO(L.LightningModule):
             ``num_minibatches`` 1) in one process, and keeps the activations of every trained step
             from sampling to the update (``micro_batch_size`` does not apply). Faster where the
             network is compute-bound (the shapes model: 0.75-0.91 of the time of recomputing); slower
-            where each call costs the same whatever its size (the tiny random Wan: 1.16-1.23x, as its
+            where each call costs the same whatever its size (the tiny random Wan: 1.09-1.25x, as its
             recomputed update is one pass), so it is off unless set (``benchmarks/hot_path.py``).
         seed: Seed of the rollout noise; iteration ``i`` on rank ``r`` uses a generator seeded from
             ``(seed, i, r)``, so a resumed run samples exactly what an uninterrupted one would.
