@@ -18,6 +18,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from sp_grpo.distributed import all_gather_uneven, min_over_ranks, mix_seed, world_size
@@ -87,7 +88,8 @@ class SelfPacedGRPO(L.LightningModule):
             instead of running the network again on every trained pair
             (:func:`~sp_grpo.functional.ppo.rollout_graph_update`): one forward pass per trained pair
             instead of two, the same gradient. Needs an on-policy update (``num_inner_epochs`` 1,
-            ``num_minibatches`` 1) in one process, and keeps the activations of every trained step
+            ``num_minibatches`` 1); applies in one process without FSDP (elsewhere the update
+            recomputes, with a warning), and keeps the activations of every trained step
             from sampling to the update (``micro_batch_size`` does not apply). Faster where the
             network is compute-bound (the shapes model: 0.75-0.91 of the time of recomputing); slower
             where each call costs the same whatever its size (the tiny random Wan: 1.09-1.25x, as its
@@ -270,10 +272,12 @@ class SelfPacedGRPO(L.LightningModule):
         if not self.reuse_rollout_forward:
             return False
         if world_size(self._strategy) > 1 or isinstance(self._strategy, FSDPStrategy):
-            raise ValueError(
-                "`model.reuse_rollout_forward: true` runs in one process without FSDP only (there the update's"
-                " gradients are synchronised or sharded per forward pass); set it to false."
+            rank_zero_warn(
+                "`model.reuse_rollout_forward: true` applies in one process without FSDP only (there the update's"
+                " gradients are synchronised or sharded per forward pass); this run recomputes the update's forward"
+                " passes instead, which gives the same gradient. Set it to false to silence this."
             )
+            return False
         return True
 
     def policy_updates(self, rollout: Rollout, advantages: Tensor) -> dict[str, Tensor]:
