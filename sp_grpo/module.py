@@ -286,8 +286,7 @@ class SelfPacedGRPO(L.LightningModule):
         check_sigma_schedule(rollout.sigmas)  # once, on its CPU copy; then moved to the device once
         if rollout.graph is not None:
             settings = dict(sampler=self.sampler, clip_range=self.clip_range, kl_coef=self.kl_coef)
-            backward = self.manual_backward if self._trainer is not None else Tensor.backward
-            return rollout_graph_update(self.policy, rollout, advantages, self._optimizer_step, backward=backward, **settings)
+            return rollout_graph_update(self.policy, rollout, advantages, self._optimizer_step, backward=self._backward, **settings)
         rollout = dataclasses.replace(rollout, sigmas=rollout.sigmas.to(self.device))
         # Seeded with the optimizer step that this iteration starts at when no minibatch is skipped.
         order = torch.Generator().manual_seed(mix_seed(self.seed, self.iteration * self.updates_per_iteration, 1 << 20))
@@ -305,8 +304,7 @@ class SelfPacedGRPO(L.LightningModule):
             pending_bytes=lambda: _unallocated_adamw_bytes(self),
             agree=functools.partial(min_over_ranks, self._strategy, device=self.device),
         )
-        backward = self.manual_backward if self._trainer is not None else Tensor.backward  # no Trainer: notebook, test
-        return accumulate_gradients(loss, pairs, sizes, backward)
+        return accumulate_gradients(loss, pairs, sizes, self._backward)
 
     def pair_loss(self, rollout: Rollout, advantages: Tensor, pairs: Tensor) -> dict[str, Tensor]:
         """:func:`~sp_grpo.functional.ppo.pair_loss` with this module's policy and settings, on ``pairs`` ``(M, 2)``."""
@@ -319,6 +317,11 @@ class SelfPacedGRPO(L.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
+
+    @property
+    def _backward(self) -> Callable[[Tensor], None]:
+        """``manual_backward`` under a Trainer; ``Tensor.backward`` without one (notebook, test)."""
+        return self.manual_backward if self._trainer is not None else Tensor.backward
 
     @property
     def _strategy(self) -> Strategy | None:
